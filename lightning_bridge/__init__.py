@@ -1,0 +1,17 @@
+"""lightning-bridge: train Hugging Face models with Megatron-Core parallelism from Lightning."""
+
+import logging
+import warnings
+
+# Megatron-Core warns at import that Transformer Engine / Apex are missing; the bridge uses
+# megatron-core's local (pure PyTorch) layers on purpose, so these say nothing to our users.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed.*")
+warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
+
+from lightning_bridge.bridge import AutoBridge, CausalLMBridge
+from lightning_bridge.provider import GPTModelProvider
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["AutoBridge", "CausalLMBridge", "GPTModelProvider"]
+__version__ = "0.1.0"

@@ -1,0 +1,362 @@
+"""The public bridge: Hugging Face Transformers <-> Megatron-Core, configs and weights.
+
+    bridge = AutoBridge.from_hf_pretrained("meta-llama/Llama-3.2-1B")
+    provider = bridge.to_megatron_provider()          # settable TransformerConfig fields
+    provider.tensor_model_parallel_size = 2
+    model = provider(wrap_with_ddp=False)              # this rank's chunks, HF weights loaded
+    bridge.save_hf_pretrained(model, "./out")          # back to a transformers checkpoint
+
+The bridge reads only config.json up front; weights are read lazily, tensor by tensor, when a
+model is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+
+from lightning_bridge import families
+from lightning_bridge.conversion.context import ConversionContext
+from lightning_bridge.conversion.exporting import ExportMode, export_hf_weights, plan_export
+from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_weights
+from lightning_bridge.families.base import ModelBridge
+from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
+from lightning_bridge.provider import GPTModelProvider
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+# from_pretrained kwargs that have no meaning for a Megatron model, and what to do instead.
+REFUSED_KWARGS = {
+    "device_map": "Megatron places weights by its parallel layout: set tensor_model_parallel_size / "
+                  "pipeline_model_parallel_size on bridge.to_megatron_provider() instead.",
+    "attn_implementation": "Megatron uses its own attention kernels: set attention_backend on "
+                           "bridge.to_megatron_provider() instead.",
+    "load_in_8bit": "quantized loading is not supported; load in bf16/fp16 with torch_dtype=.",
+    "load_in_4bit": "quantized loading is not supported; load in bf16/fp16 with torch_dtype=.",
+    "quantization_config": "quantized checkpoints are not supported; use an unquantized checkpoint.",
+    "max_memory": "Megatron places weights by its parallel layout; use more ranks instead.",
+    "offload_folder": "offloading is not supported; use more ranks instead.",
+}
+# from_pretrained kwargs passed on to the Hub download / config loading.
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder", "proxies")
+ACCEPTED_NOOP_KWARGS = ("low_cpu_mem_usage", "use_safetensors")
+
+
+class AutoBridge:
+    """Two-way conversion between an HF causal LM and Megatron-Core, for any supported family."""
+
+    def __init__(self, hf_config: PretrainedConfig, *, source: str | os.PathLike | None = None,
+                 torch_dtype: torch.dtype | str | None = None, revision: str | None = None,
+                 allow_pickle: bool = False, hub_kwargs: dict[str, Any] | None = None):
+        self.hf_config = hf_config
+        self._model_bridge: ModelBridge = self._family(hf_config)(hf_config)
+        self._source = str(source) if source is not None else None
+        self._revision = revision
+        self._allow_pickle = allow_pickle
+        self._hub_kwargs = dict(hub_kwargs or {})
+        self._reader: HFCheckpointReader | None = None
+        self.torch_dtype = _as_dtype(torch_dtype)
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_hf_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
+                           trust_remote_code: bool = False, revision: str | None = None,
+                           allow_pickle: bool = False, **kwargs: Any) -> AutoBridge:
+        """A bridge for a local HF checkpoint folder or a Hub id (config read now, weights later)."""
+        for key, why in REFUSED_KWARGS.items():
+            if kwargs.get(key) not in (None, False):
+                raise ValueError(f"{key}={kwargs[key]!r} is not supported by the bridge: {why}")
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        for key in (*REFUSED_KWARGS, *ACCEPTED_NOOP_KWARGS):
+            kwargs.pop(key, None)
+        config = _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, kwargs)
+        return cls(config, source=path_or_id, torch_dtype=torch_dtype, revision=revision,
+                   allow_pickle=allow_pickle, hub_kwargs=hub_kwargs)
+
+    @classmethod
+    def from_hf_config(cls, config: PretrainedConfig, torch_dtype: torch.dtype | str | None = None) -> AutoBridge:
+        """A bridge from a config alone: models it builds are randomly initialised."""
+        return cls(config, torch_dtype=torch_dtype)
+
+    @classmethod
+    def can_handle(cls, path_or_config: str | os.PathLike | PretrainedConfig, trust_remote_code: bool = False) -> bool:
+        """Whether a supported family handles this config (or checkpoint's config)."""
+        config = path_or_config
+        if not isinstance(config, PretrainedConfig):
+            try:
+                config = AutoConfig.from_pretrained(str(config), trust_remote_code=trust_remote_code)
+            except (OSError, ValueError):
+                return False
+        return any(families.family_for(a) for a in (config.architectures or []))
+
+    @classmethod
+    def list_supported_models(cls) -> list[str]:
+        """The HF architecture names this bridge converts."""
+        return families.supported_architectures()
+
+    @classmethod
+    def get_supported_bridges(cls) -> list[str]:
+        """The model family bridges, by class name."""
+        return sorted({families.family_for(a).__name__ for a in families.supported_architectures()})
+
+    # --- Megatron side ----------------------------------------------------------------------
+    @property
+    def transformer_config(self) -> GPTModelProvider:
+        """The Megatron ``TransformerConfig`` this model converts to (validated, TP=PP=1)."""
+        provider = self.to_megatron_provider(load_weights=False)
+        provider.finalize()
+        return provider
+
+    def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
+        """A provider: set its fields, then call it to build this rank's model chunks."""
+        overrides: dict[str, Any] = {}
+        if self.torch_dtype is not None:
+            overrides["params_dtype"] = self.torch_dtype
+            overrides["bf16"] = self.torch_dtype == torch.bfloat16
+            overrides["fp16"] = self.torch_dtype == torch.float16
+        provider = self._model_bridge.provider(**overrides)
+        if load_weights and self._source is not None:
+            provider.weight_loader = lambda chunks, p: self.load_hf_weights(chunks, p)
+        return provider
+
+    def to_megatron_model(self, wrap_with_ddp: bool = False, **overrides: Any) -> list[torch.nn.Module]:
+        """Build this rank's Megatron model chunks with the HF weights loaded."""
+        provider = self.to_megatron_provider(load_weights=True)
+        for key, value in overrides.items():
+            if not hasattr(provider, key):
+                raise TypeError(f"{key!r} is not a TransformerConfig or provider field")
+            setattr(provider, key, value)
+        return provider(wrap_with_ddp=wrap_with_ddp)
+
+    def load_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
+                        provider: GPTModelProvider | None = None, show_progress: bool = False) -> None:
+        """Copy the HF checkpoint's weights into already built Megatron chunks (this rank's slice)."""
+        chunks = _as_chunks(model)
+        provider = provider or _provider_of(chunks)
+        reader = self.checkpoint_reader()
+        registry = self.mapping_registry()
+        expected = registry.expected_hf_names(self._model_bridge.wildcard_ranges())
+        check_checkpoint_names(reader, registry, expected, self._model_bridge.ignored_hf_patterns)
+        load_hf_weights(chunks, reader, registry, self._context(provider), show_progress=show_progress)
+
+    # --- HF side ----------------------------------------------------------------------------
+    def export_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
+                          order: Literal["safetensors"] | None = "safetensors", cpu: bool = True,
+                          mode: ExportMode = "consolidate", show_progress: bool = False,
+                          dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)``, a few tensors at a time. Every rank must drain it."""
+        chunks = _as_chunks(model)
+        return export_hf_weights(
+            chunks, self.mapping_registry(), self._context(_provider_of(chunks)), mode=mode,
+            hf_order=self._hf_order() if order == "safetensors" else None,
+            keep_tied=self._kept_tied(), dtypes=self._export_dtypes(dtype), cpu=cpu,
+            show_progress=show_progress,
+        )
+
+    def save_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
+                        show_progress: bool = True, max_shard_size: int = 5 * 2**30,
+                        dtype: torch.dtype | None = None, overwrite: bool = True,
+                        extra_files: dict[str, str | bytes] | None = None,
+                        copy_files: Sequence[Path] = ()) -> Path:
+        """Write sharded safetensors + index, shard by shard, atomically (global rank 0 writes)."""
+        chunks = _as_chunks(model)
+        specs = self.hf_tensor_specs(chunks, dtype=dtype)
+        source_map = self.checkpoint_reader().weight_map if self._has_weights() else None
+        shard_plan = plan_shards(specs, max_shard_size=max_shard_size, source_weight_map=source_map)
+        writer = None
+        error: str | None = None
+        if dist.get_rank() == 0:
+            writer = ShardedSafetensorsWriter(path, shard_plan, show_progress=show_progress, overwrite=overwrite)
+        try:
+            for name, tensor in self.export_hf_weights(chunks, dtype=dtype, mode="consolidate"):
+                if writer is not None and error is None:
+                    try:
+                        writer.add(name, tensor)
+                    except Exception as exc:  # keep draining: other ranks are in collectives
+                        error, writer = f"{type(exc).__name__}: {exc}", writer.abort()
+            if writer is not None and error is None:
+                for relative, data in (extra_files or {}).items():
+                    writer.add_file(relative, data)
+                for file in copy_files:
+                    writer.copy_file(file)
+                writer.finalize()
+        except Exception as exc:
+            if writer is not None:
+                writer.abort()
+            error = error or f"{type(exc).__name__}: {exc}"
+        errors = [error]
+        if dist.get_world_size() > 1:
+            dist.broadcast_object_list(errors, src=0)
+        if errors[0]:
+            raise RuntimeError(f"Saving HF weights to {path} failed: {errors[0]}")
+        return Path(path)
+
+    def save_hf_pretrained(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
+                           show_progress: bool = True, **kwargs: Any) -> Path:
+        """A complete HF checkpoint: weights, config.json, generation_config.json, tokenizer files."""
+        config = self.hf_config
+        generation = self._generation_config()
+        extra = {"config.json": config.to_json_string(use_diff=False)}
+        if generation is not None:
+            extra["generation_config.json"] = generation.to_json_string()
+        return self.save_hf_weights(model, path, show_progress=show_progress, extra_files=extra,
+                                    copy_files=self._tokenizer_files(), **kwargs)
+
+    def hf_tensor_specs(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
+                        dtype: torch.dtype | None = None) -> list[TensorSpec]:
+        """Name, shape and dtype of every HF tensor an export yields, in export order (collective)."""
+        chunks = _as_chunks(model)
+        ctx = self._context(_provider_of(chunks))
+        plan, _ = plan_export(chunks, self.mapping_registry(), hf_order=self._hf_order(), keep_tied=self._kept_tied())
+        dtypes = self._export_dtypes(dtype)
+        specs = []
+        for task in plan:
+            meta = torch.empty(task.full_shape, dtype=task.dtype, device="meta")
+            for name, tensor in zip(task.hf_names, task.mapping.to_hf(meta, ctx)):
+                specs.append(TensorSpec(name, tuple(tensor.shape), dtypes.get(name, task.dtype)))
+        return specs
+
+    def mapping_registry(self):
+        return self._model_bridge.mapping_registry()
+
+    def checkpoint_reader(self) -> HFCheckpointReader:
+        """The validated safetensors reader of the source checkpoint (downloaded when a Hub id)."""
+        if self._reader is None:
+            if self._source is None:
+                raise ValueError("This bridge was made from a config alone: it has no HF weights to read.")
+            self._reader = HFCheckpointReader(self._weights_folder(), allow_pickle=self._allow_pickle)
+        return self._reader
+
+    # --- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _family(config: PretrainedConfig) -> type[ModelBridge]:
+        for architecture in config.architectures or []:
+            family = families.family_for(architecture)
+            if family is not None:
+                return family
+        name = ", ".join(config.architectures or [f"model_type={getattr(config, 'model_type', '?')}"])
+        raise ValueError(
+            f"Model architecture {name} is not supported. Supported architectures: "
+            f"{', '.join(families.supported_architectures())}."
+        )
+
+    def _has_weights(self) -> bool:
+        return self._source is not None
+
+    def _weights_folder(self) -> Path:
+        source = Path(self._source)
+        if source.is_dir():
+            return source
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(self._source, revision=self._revision, **self._hub_kwargs))
+
+    def _context(self, provider: GPTModelProvider) -> ConversionContext:
+        return ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+
+    def _hf_order(self) -> list[str] | None:
+        return self.checkpoint_reader().names() if self._has_weights() else None
+
+    def _kept_tied(self) -> list[str]:
+        """Tied Megatron parameters whose HF tensor the source checkpoint stores anyway."""
+        if not self._has_weights():
+            return []
+        registry, reader = self.mapping_registry(), self.checkpoint_reader()
+        kept = []
+        for name in registry.tied:
+            found = registry.megatron_to_hf_lookup(name)
+            if found and all(n in reader for n in found[0].hf_names(found[1])):
+                kept.append(name)
+        return kept
+
+    def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+        """Per HF tensor: the asked dtype, else the source checkpoint's, else the config's."""
+        if dtype is not None or not self._has_weights():
+            default = dtype or families.base._dtype(self.hf_config)
+            return _Everything(default)
+        reader = self.checkpoint_reader()
+        return {name: reader.dtype(name) for name in reader.names()}
+
+    def _generation_config(self) -> GenerationConfig | None:
+        if self._has_weights():
+            try:
+                return GenerationConfig.from_pretrained(self._weights_folder())
+            except OSError:
+                pass
+        return GenerationConfig.from_model_config(self.hf_config)
+
+    def _tokenizer_files(self) -> list[Path]:
+        if not self._has_weights():
+            return []
+        folder = self._weights_folder()
+        return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+
+
+class CausalLMBridge(AutoBridge):
+    """The bridge for causal language models (every family supported today is one)."""
+
+
+class _Everything(dict):
+    """A dtype table that answers one dtype for every name."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self._dtype = dtype
+
+    def get(self, key, default=None):
+        return self._dtype
+
+
+def _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, overrides) -> PretrainedConfig:
+    path = Path(str(path_or_id))
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. Point to the "
+            "folder that holds config.json and the *.safetensors files."
+        )
+    try:
+        config, unused = AutoConfig.from_pretrained(
+            str(path_or_id), trust_remote_code=trust_remote_code, revision=revision,
+            return_unused_kwargs=True, **hub_kwargs, **overrides,
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ValueError(
+                f"{path_or_id} needs custom code from its repository. Read that code, then pass "
+                "trust_remote_code=True if you trust it."
+            ) from exc
+        raise
+    if unused:
+        raise TypeError(f"Unknown arguments to from_hf_pretrained: {sorted(unused)}")
+    return config
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    return getattr(torch, str(dtype).removeprefix("torch."))
+
+
+def _as_chunks(model) -> list[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _provider_of(chunks: Sequence[torch.nn.Module]) -> GPTModelProvider:
+    from lightning_bridge.conversion.parallel import unwrap
+
+    config = unwrap(chunks[0]).config
+    if not isinstance(config, GPTModelProvider):
+        raise TypeError("These model chunks were not built by a lightning_bridge provider.")
+    return config

@@ -1,0 +1,212 @@
+"""This rank's Megatron model chunks -> full HF tensors, streamed one at a time.
+
+Every rank walks the same globally sorted list of parameters, so collectives are issued in the
+same order everywhere (no hangs). For each parameter the pipeline stage that owns it gathers
+the tensor-parallel shards, converts to HF names and delivers the result by mode:
+
+- ``consolidate``: to global rank 0; other ranks drain the generator and get nothing;
+- ``replicate``: to every rank;
+- ``distribute``: to exactly one rank of the owning stage, round-robin, so ranks share the work.
+
+Only a few tensors exist at a time, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from lightning_bridge.conversion import parallel
+from lightning_bridge.conversion.context import ConversionContext
+from lightning_bridge.conversion.mappings import WeightMapping
+from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters
+from lightning_bridge.conversion.registry import MappingRegistry
+
+logger = logging.getLogger(__name__)
+
+ExportMode = Literal["consolidate", "replicate", "distribute"]
+EXPORT_MODES = ("consolidate", "replicate", "distribute")
+
+
+@dataclass(frozen=True)
+class ExportTask:
+    """One Megatron parameter to export: who owns it, and what HF tensors it becomes."""
+
+    megatron_name: str
+    mapping: WeightMapping
+    hf_names: tuple[str, ...]
+    full_shape: tuple[int, ...]
+    dtype: torch.dtype
+    owner_pp_rank: int
+    destination: int  # global rank receiving it in "distribute" mode (else unused)
+
+
+def plan_export(
+    chunks: Sequence[torch.nn.Module],
+    registry: MappingRegistry,
+    *,
+    hf_order: Sequence[str] | None = None,
+    keep_tied: Sequence[str] = (),
+) -> tuple[list[ExportTask], dict[tuple[int, int, int], int]]:
+    """The global, identically ordered export plan, and the (tp, pp, dp) -> rank map.
+
+    One ``all_gather_object`` of parameter names and shapes: cheap, and it makes every rank see
+    the whole model whatever the pipeline layout.
+    """
+    layout = RankLayout.current()
+    local = []
+    if layout.dp_rank == 0 and layout.tp_rank == 0:
+        for chunk in chunks:
+            for name, param in global_named_parameters(chunk):
+                local.append((name, tuple(param.shape), str(param.dtype).removeprefix("torch.")))
+    gathered: list = [None] * layout.world_size
+    dist.all_gather_object(gathered, (layout.coordinates, local))
+    rank_of = {coords: rank for rank, (coords, _) in enumerate(gathered)}
+
+    owners: dict[str, tuple[int, tuple[int, ...], str]] = {}
+    for (tp_rank, pp_rank, dp_rank), entries in gathered:
+        for name, shape, dtype in entries:
+            owners.setdefault(name, (pp_rank, shape, dtype))
+
+    tasks = []
+    for name, (pp_rank, shard_shape, dtype) in owners.items():
+        if name in registry.tied and name not in keep_tied:
+            continue  # exported once, through the parameter it is tied to
+        found = registry.megatron_to_hf_lookup(name)
+        if found is None:
+            raise ValueError(f"No weight mapping for Megatron parameter {name!r}; cannot export it.")
+        mapping, wildcards = found
+        full_shape = list(shard_shape)
+        if mapping.tp_dim is not None:
+            full_shape[mapping.tp_dim] *= layout.tp_size
+        tasks.append((name, mapping, tuple(mapping.hf_names(wildcards)), tuple(full_shape),
+                      getattr(torch, dtype), pp_rank))
+
+    tasks.sort(key=_order_key(hf_order))
+    plan = []
+    per_stage_count: dict[int, int] = {}
+    for name, mapping, hf_names, full_shape, dtype, pp_rank in tasks:
+        stage_ranks = sorted(r for (t, p, d), r in rank_of.items() if p == pp_rank)
+        k = per_stage_count.get(pp_rank, 0)
+        per_stage_count[pp_rank] = k + 1
+        plan.append(ExportTask(name, mapping, hf_names, full_shape, dtype, pp_rank,
+                               destination=stage_ranks[k % len(stage_ranks)]))
+    return plan, rank_of
+
+
+def export_hf_weights(
+    chunks: Sequence[torch.nn.Module],
+    registry: MappingRegistry,
+    ctx: ConversionContext,
+    *,
+    mode: ExportMode = "consolidate",
+    hf_order: Sequence[str] | None = None,
+    keep_tied: Sequence[str] = (),
+    dtypes: dict[str, torch.dtype] | None = None,
+    cpu: bool = True,
+    show_progress: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` pairs that this rank receives under ``mode``.
+
+    Every rank must drain the generator: it contains collectives.
+    """
+    if mode not in EXPORT_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {EXPORT_MODES}")
+    layout = RankLayout.current()
+    plan, rank_of = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
+    local = {name: param for chunk in chunks for name, param in global_named_parameters(chunk)}
+    device = parallel.comm_device()
+    dtypes = dtypes or {}
+    for task in tqdm(plan, desc="Exporting HF weights", unit="tensor",
+                     disable=not show_progress or layout.rank != 0):
+        full = _deliver(task, local, layout, rank_of, mode, device)
+        if full is None:
+            continue
+        for hf_name, tensor in zip(task.hf_names, task.mapping.to_hf(full, ctx)):
+            tensor = tensor.to(dtypes.get(hf_name, tensor.dtype))
+            if cpu:
+                tensor = tensor.cpu()
+            logger.debug("exported %s -> %s (%s)", task.megatron_name, hf_name, task.mapping.kind)
+            yield hf_name, tensor.contiguous()
+
+
+def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayout,
+             rank_of: dict[tuple[int, int, int], int], mode: ExportMode,
+             device: torch.device) -> torch.Tensor | None:
+    """The full Megatron tensor of ``task`` on the ranks that receive it under ``mode``."""
+    on_owner_stage = layout.pp_rank == task.owner_pp_rank
+    if mode == "distribute":
+        if not on_owner_stage or rank_of_replica(task.destination, rank_of) != layout.dp_rank:
+            return None
+        dst_tp0 = task.destination
+        shards = parallel.gather_tp_to(_shard(local, task, device), dst_tp0)
+        return task.mapping.gather(shards) if shards is not None else None
+
+    if mode == "consolidate":
+        if layout.dp_rank != 0:
+            return None
+        full = None
+        if on_owner_stage:
+            owner = rank_of[(0, task.owner_pp_rank, 0)]
+            shards = parallel.gather_tp_to(_shard(local, task, device), owner)
+            if shards is not None:
+                full = task.mapping.gather(shards)
+                if layout.rank != 0:
+                    dist.send(full.contiguous(), dst=0)
+                    return None
+            return full if layout.rank == 0 else None
+        if layout.rank == 0:
+            full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
+            dist.recv(full, src=rank_of[(0, task.owner_pp_rank, 0)])
+        return full
+
+    # replicate: gather within the owning stage, then broadcast along each pipeline group.
+    if on_owner_stage:
+        full = task.mapping.gather(parallel.all_gather_tp(_shard(local, task, device))).contiguous()
+    else:
+        full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
+    if layout.pp_size > 1:
+        src = rank_of[(layout.tp_rank, task.owner_pp_rank, layout.dp_rank)]
+        dist.broadcast(full, src=src, group=parallel.pp_group())
+    return full
+
+
+def rank_of_replica(rank: int, rank_of: dict[tuple[int, int, int], int]) -> int:
+    """The data-parallel rank of a global rank."""
+    for (tp, pp, dp), r in rank_of.items():
+        if r == rank:
+            return dp
+    raise KeyError(rank)
+
+
+def _shard(local: dict[str, torch.Tensor], task: ExportTask, device: torch.device) -> torch.Tensor:
+    return local[task.megatron_name].detach().to(device)
+
+
+def _order_key(hf_order: Sequence[str] | None):
+    """Sort by position in the HF checkpoint when given, else by Megatron model order."""
+    position = {name: i for i, name in enumerate(hf_order or ())}
+
+    def key(task):
+        name, _, hf_names = task[0], task[1], task[2]
+        if position:
+            return (min(position.get(n, len(position)) for n in hf_names), name)
+        return (_model_order(name), name)
+
+    return key
+
+
+def _model_order(name: str) -> tuple:
+    parts = name.split(".")
+    if parts[0] == "embedding":
+        return (0, 0)
+    if parts[0] == "decoder" and parts[1] == "layers":
+        return (1, int(parts[2]))
+    if parts[0] == "decoder":
+        return (2, 0)
+    return (3, 0)

@@ -1,0 +1,111 @@
+"""HF checkpoint -> this rank's Megatron model chunks, tensor by tensor, with no collectives.
+
+Each rank reads only the HF tensors its own parameters need, builds the full Megatron tensor
+(fusing q/k/v or gate/up, padding the vocabulary), keeps its tensor-parallel slice and copies it
+in. Nothing is gathered, so loading scales with the number of ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from lightning_bridge.conversion.context import ConversionContext
+from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters
+from lightning_bridge.conversion.registry import MappingRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class TensorSource(Protocol):
+    """What loading needs of a checkpoint: names, shapes and lazily read tensors."""
+
+    def names(self) -> list[str]: ...
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
+
+
+def check_checkpoint_names(source: TensorSource, registry: MappingRegistry, expected: set[str],
+                           ignored: Sequence[str] = ()) -> None:
+    """Fail with the names when the checkpoint lacks tensors the model needs, or holds extra ones."""
+    present = set(source.names())
+    tied_hf = {
+        name
+        for megatron in registry.tied
+        for mapping in registry.get_all_mappings() if mapping.megatron == megatron
+        for name in mapping.hf_patterns
+    }
+    missing = sorted(expected - present)
+    unexpected = sorted(n for n in present - expected if n not in tied_hf and not _ignored(n, ignored))
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors {_short(unexpected)}")
+    if problems:
+        raise ValueError(
+            "The checkpoint does not match its config.json: " + "; ".join(problems) + ". "
+            "Check that config.json belongs to these weights (same architecture, number of layers, "
+            "attention_bias, tie_word_embeddings) and that the download is complete."
+        )
+
+
+def load_hf_weights(
+    chunks: Sequence[torch.nn.Module],
+    source: TensorSource,
+    registry: MappingRegistry,
+    ctx: ConversionContext,
+    *,
+    show_progress: bool = False,
+) -> None:
+    """Copy this rank's slice of every HF tensor into the parameters of ``chunks``."""
+    layout = RankLayout.current()
+    params = [(name, param) for chunk in chunks for name, param in global_named_parameters(chunk)]
+    for name, param in tqdm(params, desc="Loading HF weights", unit="tensor", disable=not show_progress):
+        found = registry.megatron_to_hf_lookup(name)
+        if name in registry.tied and not (found and all(n in source for n in found[0].hf_names(found[1]))):
+            found = registry.megatron_to_hf_lookup(registry.tied[name])  # tied: the checkpoint has one copy
+        if found is None:
+            raise ValueError(
+                f"No weight mapping for Megatron parameter {name!r}: the model family's mapping "
+                f"table is incomplete for this configuration. Please report it with your config.json."
+            )
+        mapping, wildcards = found
+        hf_names = mapping.hf_names(wildcards)
+        hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
+        full = mapping.to_megatron(hf_tensors, ctx)
+        expected_full = _full_shape(mapping, tuple(param.shape), layout.tp_size)
+        if tuple(full.shape) != expected_full:
+            raise ValueError(
+                f"Shape mismatch for {', '.join(hf_names)}: the checkpoint gives "
+                f"{[tuple(t.shape) for t in hf_tensors]}, which makes {tuple(full.shape)} for "
+                f"{name}, but the config expects {expected_full}. config.json and the weights disagree."
+            )
+        shard = mapping.shard(full, layout.tp_rank, layout.tp_size)
+        with torch.no_grad():
+            param.copy_(shard)
+        logger.debug("loaded %s <- %s (%s)", name, ", ".join(hf_names), mapping.kind)
+
+
+def _full_shape(mapping, shard_shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
+    if mapping.tp_dim is None:
+        return shard_shape
+    shape = list(shard_shape)
+    shape[mapping.tp_dim] *= tp_size
+    return tuple(shape)
+
+
+def _ignored(name: str, patterns: Sequence[str]) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} in all)"

@@ -1,0 +1,7 @@
+"""Model families: one small declarative file each. Importing this package registers them all."""
+
+from lightning_bridge.families import llama, mistral, qwen2, qwen3  # noqa: F401  (registration)
+from lightning_bridge.families.base import ModelBridge
+from lightning_bridge.families.registry import family_for, register, supported_architectures
+
+__all__ = ["ModelBridge", "family_for", "register", "supported_architectures"]

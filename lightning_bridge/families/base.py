@@ -1,0 +1,128 @@
+"""What a model family declares, and the shared machinery that turns it into a provider.
+
+A family file subclasses :class:`ModelBridge` and fills in tables:
+
+- ``architectures``: the HF ``architectures`` names it handles;
+- ``config_fields``: ``TransformerConfig`` / provider field <- HF config attribute;
+- ``fixed_config``: provider fields that are constant for the family;
+- ``mappings(hf_config)``: the weight table (:mod:`lightning_bridge.conversion.mappings`);
+- ``check_supported(hf_config)``: refuse, by name, HF features it cannot reproduce exactly.
+
+Nothing in the engine knows a family by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from lightning_bridge.conversion.mappings import WeightMapping
+from lightning_bridge.conversion.registry import MappingRegistry
+from lightning_bridge.provider import GPTModelProvider
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+# rope types whose whole effect is a different set of frequencies (no attention scaling).
+FREQUENCY_ONLY_ROPE = ("default", "linear", "llama3")
+TIED_OUTPUT = {"output_layer.weight": "embedding.word_embeddings.weight"}
+
+
+class ModelBridge:
+    """One model family: its HF architectures, config translation and weight mappings."""
+
+    architectures: ClassVar[tuple[str, ...]] = ()
+    config_fields: ClassVar[dict[str, str]] = {}
+    fixed_config: ClassVar[dict[str, Any]] = {}
+    # HF tensors that carry no weights of their own (old rotary caches and the like).
+    ignored_hf_patterns: ClassVar[tuple[str, ...]] = ("*.rotary_emb.inv_freq",)
+
+    def __init__(self, hf_config: PretrainedConfig):
+        self.hf_config = hf_config
+
+    # --- what a family declares --------------------------------------------------------------
+    def mappings(self) -> list[WeightMapping]:
+        raise NotImplementedError
+
+    def check_supported(self) -> None:
+        """Raise ValueError naming any HF feature this family cannot reproduce exactly."""
+
+    def computed_config(self) -> dict[str, Any]:
+        """Provider fields that need a little arithmetic on the HF config."""
+        cfg = self.hf_config
+        return {
+            "activation_func": _activation(cfg),
+            "rotary_base": _rope_parameters(cfg).get("rope_theta", 10000.0),
+            "rotary_inv_freq": _rotary_inv_freq(cfg),
+            "params_dtype": _dtype(cfg),
+            "share_embeddings_and_output_weights": bool(getattr(cfg, "tie_word_embeddings", False)),
+        }
+
+    # --- shared machinery --------------------------------------------------------------------
+    def mapping_registry(self) -> MappingRegistry:
+        """The family's weight table as a searchable registry."""
+        tied = TIED_OUTPUT if getattr(self.hf_config, "tie_word_embeddings", False) else {}
+        return MappingRegistry(self.mappings(), tied=tied)
+
+    def provider(self, **overrides: Any) -> GPTModelProvider:
+        """A provider whose fields come from the HF config, then from ``overrides``."""
+        self.check_supported()
+        kwargs: dict[str, Any] = {}
+        for field, attribute in self.config_fields.items():
+            value = getattr(self.hf_config, attribute, None)
+            if value is not None:
+                kwargs[field] = value
+        kwargs.update(self.fixed_config)
+        kwargs.update(self.computed_config())
+        kwargs.update(overrides)
+        if kwargs.get("params_dtype") in (torch.bfloat16, torch.float16) and "bf16" not in overrides:
+            kwargs.setdefault("bf16", kwargs["params_dtype"] == torch.bfloat16)
+            kwargs.setdefault("fp16", kwargs["params_dtype"] == torch.float16)
+        return GPTModelProvider(**kwargs)
+
+    def wildcard_ranges(self) -> Sequence[int]:
+        """How many values each ``*`` of a mapping pattern takes: layers, then experts."""
+        return (self.hf_config.num_hidden_layers, getattr(self.hf_config, "num_local_experts", 0)
+                or getattr(self.hf_config, "num_experts", 0) or 0)
+
+
+def _activation(cfg: PretrainedConfig):
+    name = getattr(cfg, "hidden_act", "silu")
+    if name not in ACTIVATIONS:
+        raise ValueError(f"hidden_act={name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _dtype(cfg: PretrainedConfig) -> torch.dtype:
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _rope_parameters(cfg: PretrainedConfig) -> dict[str, Any]:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if not params and getattr(cfg, "rope_theta", None) is not None:
+        params = {"rope_theta": cfg.rope_theta, **(getattr(cfg, "rope_scaling", None) or {})}
+    return dict(params)
+
+
+def _rotary_inv_freq(cfg: PretrainedConfig) -> torch.Tensor | None:
+    """HF's own rope frequencies when scaling changes them; None for plain rope (Megatron's own)."""
+    params = _rope_parameters(cfg)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    if rope_type not in FREQUENCY_ONLY_ROPE:
+        raise ValueError(
+            f"rope_type={rope_type!r} is not supported: Megatron's rotary embedding cannot "
+            f"reproduce it exactly. Supported rope types: {list(FREQUENCY_ONLY_ROPE)}."
+        )
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+    if attention_factor != 1.0:
+        raise ValueError(f"rope_type={rope_type!r} with attention scaling {attention_factor} is not supported.")
+    return inv_freq.float()

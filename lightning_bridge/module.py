@@ -1,0 +1,189 @@
+"""CausalLMModule: a ready LightningModule for causal-LM training with MegatronBridgeStrategy.
+
+Batches are dicts with ``input_ids`` [batch, seq] and optionally ``labels`` (HF convention:
+same length as ``input_ids``, shifted inside, -100 ignored), ``attention_mask`` and
+``loss_mask`` (1 = count the token). The loss is token-weighted next-token cross-entropy over
+the whole global batch, whatever the parallel layout.
+
+To change the loss, override :meth:`CausalLMModule.loss_function`; to change the optimizer or
+schedule, override :meth:`CausalLMModule.configure_optimizers` (it returns a Megatron optimizer
+and, optionally, a scheduler with ``step(increment)``). The same code runs at PP=1 and PP>1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from megatron.core import parallel_state, tensor_parallel
+
+IGNORE_INDEX = -100
+
+
+class CausalLMModule(pl.LightningModule):
+    """Next-token training of a Megatron model built by :class:`MegatronBridgeStrategy`."""
+
+    def __init__(
+        self,
+        hf_model: str | os.PathLike | None = None,
+        *,
+        learning_rate: float = 2e-5,
+        min_learning_rate: float | None = None,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        lr_decay_steps: int | None = None,
+        adam_betas: tuple[float, float] = (0.9, 0.95),
+        adam_eps: float = 1e-8,
+        gradient_clip_val: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.hf_model = hf_model
+        self.automatic_optimization = False  # Megatron's schedule runs forward and backward
+        self.megatron_model: torch.nn.ModuleList | None = None
+        self.vocab_size = 0
+        self.tokens_seen = 0
+        self.val_loss = torchmetrics.MeanMetric()
+        self.test_loss = torchmetrics.MeanMetric()
+
+    # --- set by the strategy ---------------------------------------------------------------------
+    def configure_megatron_model(self, chunks: list[torch.nn.Module], strategy: Any) -> None:
+        """Receive this rank's model chunks (called by the strategy once they are built)."""
+        self.megatron_model = torch.nn.ModuleList(chunks)
+        self.vocab_size = strategy.provider.vocab_size
+
+    # --- what to override --------------------------------------------------------------------------
+    def loss_function(self, batch: dict[str, torch.Tensor], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-token losses, number of tokens) for one microbatch.
+
+        ``logits`` are this tensor-parallel rank's vocabulary slice, [batch, seq, vocab / TP].
+        """
+        labels, mask = next_token_targets(batch)
+        return causal_lm_loss(logits, labels, mask, self.vocab_size)
+
+    def configure_optimizers(self) -> Any:
+        """AdamW (Megatron's distributed optimizer) with linear warmup then cosine decay."""
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        hp = self.hparams
+        provider = self.trainer.strategy.provider
+        config = OptimizerConfig(
+            optimizer="adam", lr=hp.learning_rate, min_lr=self._min_lr(), weight_decay=hp.weight_decay,
+            adam_beta1=hp.adam_betas[0], adam_beta2=hp.adam_betas[1], adam_eps=hp.adam_eps,
+            clip_grad=hp.gradient_clip_val, bf16=provider.bf16, fp16=provider.fp16,
+            params_dtype=provider.params_dtype, use_distributed_optimizer=True,
+        )
+        optimizer = get_megatron_optimizer(config, list(self.megatron_model))
+        decay_steps = hp.lr_decay_steps or max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0 if hp.warmup_steps else hp.learning_rate, max_lr=hp.learning_rate,
+            min_lr=self._min_lr(), lr_warmup_steps=hp.warmup_steps,
+            lr_decay_steps=max(decay_steps, hp.warmup_steps + 1), lr_decay_style="cosine",
+            start_wd=hp.weight_decay, end_wd=hp.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
+        )
+        return optimizer, scheduler
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function)
+        self.optimizers().step()
+        for scheduler in _as_list(self.lr_schedulers()):
+            scheduler.step(1) if hasattr(scheduler, "num_steps") else scheduler.step()
+        self.tokens_seen += int(tokens)
+        self.log("train_loss", loss, prog_bar=True, batch_size=_batch_size(batch))
+        self.log("lr", self.trainer.strategy.megatron_optimizer.param_groups[0]["lr"], batch_size=_batch_size(batch))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function, forward_only=True)
+        self.val_loss.update(loss, weight=tokens)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count:
+            loss = self.val_loss.compute()
+            self.log("val_loss", loss, prog_bar=True)
+            self.log("val_ppl", torch.exp(loss))
+        self.val_loss.reset()
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function, forward_only=True)
+        self.test_loss.update(loss, weight=tokens)
+        return loss
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_loss.update_count:
+            loss = self.test_loss.compute()
+            self.log("test_loss", loss)
+            self.log("test_ppl", torch.exp(loss))
+        self.test_loss.reset()
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logits over the real vocabulary, [batch, seq, vocab], on every rank."""
+        return self(batch["input_ids"])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from lightning_bridge.verify import megatron_logits
+
+        return megatron_logits(list(self.megatron_model), input_ids)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+    def _min_lr(self) -> float:
+        hp = self.hparams
+        return hp.min_learning_rate if hp.min_learning_rate is not None else hp.learning_rate * 0.1
+
+
+def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels shifted left by one (position t predicts token t+1) and the mask of counted tokens."""
+    labels = batch.get("labels", batch["input_ids"])
+    mask = labels != IGNORE_INDEX
+    for key in ("attention_mask", "loss_mask"):
+        if batch.get(key) is not None:
+            mask = mask & batch[key].bool()
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    shifted_mask = torch.zeros_like(mask)
+    shifted_mask[:, :-1] = mask[:, 1:]
+    return shifted.masked_fill(~shifted_mask, 0), shifted_mask
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                   vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of cross-entropy over masked tokens, with the vocabulary split across TP ranks.
+
+    Megatron pads the vocabulary; padded entries are excluded so the loss equals the HF loss.
+    """
+    logits = logits.float()
+    partition = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * partition
+    padded = torch.arange(start, start + partition, device=logits.device) >= vocab_size
+    if padded.any():
+        logits = logits.masked_fill(padded, torch.finfo(logits.dtype).min)
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    mask = mask.to(losses.dtype)
+    return (losses * mask).sum(), mask.sum()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _batch_size(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0])
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged run prints inf rather than overflowing."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,175 @@
+"""A lazily built Megatron GPT model: every ``TransformerConfig`` field can be set before building.
+
+``GPTModelProvider`` *is* a ``TransformerConfig`` (so its fields are Megatron's own names) plus
+the model-level settings ``GPTModel`` takes. Megatron's validation runs when the model is built,
+not when the provider is made, so parallel sizes, precision, recompute or MoE settings can be
+changed freely in between::
+
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size = 2
+    provider.sequence_parallel = True
+    chunks = provider(wrap_with_ddp=False)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Callable
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.runtime import cpu as cpu_runtime
+
+logger = logging.getLogger(__name__)
+
+LayerSpecFn = Callable[["GPTModelProvider"], ModuleSpec]
+WeightLoader = Callable[[list[torch.nn.Module], "GPTModelProvider"], None]
+
+
+def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
+    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings."""
+    return get_gpt_layer_local_spec(
+        num_experts=provider.num_moe_experts,
+        qk_layernorm=provider.qk_layernorm,
+        normalization=provider.normalization,
+    )
+
+
+@dataclass
+class GPTModelProvider(TransformerConfig):
+    """Builds this rank's GPT model chunks from its settings, then loads weights into them."""
+
+    vocab_size: int = 0
+    seq_length: int = 2048
+    make_vocab_size_divisible_by: int = 128
+    position_embedding_type: str = "rope"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0
+    rotary_inv_freq: torch.Tensor | None = None  # rope frequencies when scaling is not Megatron's
+    share_embeddings_and_output_weights: bool = False
+    qk_layernorm: bool = False
+    parallel_output: bool = True
+    layer_spec: LayerSpecFn = local_layer_spec
+    weight_loader: WeightLoader | None = None
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        # Megatron's validation waits for finalize(), so fields stay settable until the build.
+        pass
+
+    # ---------------------------------------------------------------------------------------
+    @property
+    def padded_vocab_size(self) -> int:
+        """The vocabulary rounded up so it splits evenly (and efficiently) over TP ranks."""
+        multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def finalize(self) -> None:
+        """Check the settings and run Megatron's own ``TransformerConfig`` validation."""
+        self._check_parallel_sizes()
+        if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
+            self.pipeline_dtype = self.params_dtype
+        if cpu_runtime.is_cpu_runtime():
+            self.use_cpu_initialization = True
+            self.gradient_accumulation_fusion = False
+        TransformerConfig.__post_init__(self)
+
+    def provide(self, vp_stage: int | None = None) -> GPTModel:
+        """One model chunk (a pipeline stage, or a virtual stage of it) for this rank."""
+        first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        model = GPTModel(
+            config=self,
+            transformer_layer_spec=self.layer_spec(self),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=self.seq_length,
+            pre_process=first,
+            post_process=last,
+            parallel_output=self.parallel_output,
+            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
+            position_embedding_type=self.position_embedding_type,
+            rotary_percent=self.rotary_percent,
+            rotary_base=int(self.rotary_base) if float(self.rotary_base).is_integer() else self.rotary_base,
+            vp_stage=vp_stage,
+        )
+        if self.rotary_inv_freq is not None and getattr(model, "rotary_pos_emb", None) is not None:
+            model.rotary_pos_emb.inv_freq = self.rotary_inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        return model
+
+    def __call__(self, wrap_with_ddp: bool = False, ddp_config: Any = None,
+                 load_weights: bool = True) -> list[torch.nn.Module]:
+        """Build (and load) this rank's model chunks: one per virtual pipeline stage."""
+        initialize_model_parallel(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size,
+            context_parallel_size=self.context_parallel_size,
+            expert_model_parallel_size=self.expert_model_parallel_size,
+            expert_tensor_parallel_size=self.expert_tensor_parallel_size,
+            seed=self.seed,
+        )
+        self.finalize()
+        vp_size = self.virtual_pipeline_model_parallel_size
+        stages = range(vp_size) if vp_size else [None]
+        chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
+        if torch.cuda.is_available():
+            chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+        if load_weights and self.weight_loader is not None:
+            self.weight_loader(chunks, self)
+        if self.fp16 or self.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            chunks = [Float16Module(self, chunk) for chunk in chunks]
+        if wrap_with_ddp:
+            chunks = self._wrap_with_ddp(chunks, ddp_config)
+        return chunks
+
+    # ---------------------------------------------------------------------------------------
+    def _check_parallel_sizes(self) -> None:
+        tp = self.tensor_model_parallel_size
+        groups = self.num_query_groups or self.num_attention_heads
+        checks = [
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads (num_query_groups)", groups),
+            ("intermediate_size (ffn_hidden_size)", self.ffn_hidden_size or 4 * self.hidden_size),
+        ]
+        for label, value in checks:
+            if value % tp:
+                raise ValueError(
+                    f"tensor_model_parallel_size={tp} does not divide {label}={value}. "
+                    f"Choose a tensor_model_parallel_size that divides it "
+                    f"(for example {_largest_divisor(value, tp)})."
+                )
+        if self.pipeline_model_parallel_size > self.num_layers:
+            raise ValueError(
+                f"pipeline_model_parallel_size={self.pipeline_model_parallel_size} is larger than "
+                f"the number of layers ({self.num_layers}); use at most {self.num_layers} stages."
+            )
+
+    def _wrap_with_ddp(self, chunks: list[torch.nn.Module], ddp_config: Any) -> list[torch.nn.Module]:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_config = ddp_config or DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        )
+        return [
+            DistributedDataParallel(config=self, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=(i > 0))
+            for i, chunk in enumerate(chunks)
+        ]
+
+    def transformer_config_fields(self) -> dict[str, Any]:
+        """The ``TransformerConfig`` fields and their current values."""
+        return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+
+
+def _largest_divisor(value: int, limit: int) -> int:
+    return max(d for d in range(1, limit + 1) if value % d == 0)

@@ -1,0 +1,559 @@
+"""MegatronBridgeStrategy: train a Hugging Face model with Megatron-Core parallelism from Lightning.
+
+    trainer = Trainer(devices=2, max_steps=1000,
+                      strategy=MegatronBridgeStrategy("meta-llama/Llama-3.2-1B", tensor_model_parallel_size=2))
+    trainer.fit(CausalLMModule(learning_rate=2e-5), train_dataloader, val_dataloader)
+
+The strategy sets up torch.distributed and Megatron's parallel groups, builds this rank's model
+chunks from the HF checkpoint through the bridge, wraps them in Megatron's DDP with the
+distributed optimizer, and runs every step through Megatron's forward-backward schedule (the
+pipeline schedule when PP > 1; microbatches are the gradient accumulation). Lightning checkpoints
+are sharded Megatron distributed checkpoints.
+
+After ``fit``, ``strategy.model_chunks`` is the trained model and ``strategy.bridge`` converts it
+back: ``strategy.bridge.save_hf_pretrained(strategy.model_chunks, "out")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins import ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import _init_dist_connection
+from lightning.fabric.utilities.distributed import group as _group
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from megatron.core import parallel_state as ps
+from typing_extensions import override
+
+from lightning_bridge.bridge import AutoBridge
+from lightning_bridge.conversion.parallel import unwrap
+from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.runtime import cpu as cpu_runtime
+
+logger = logging.getLogger(__name__)
+
+LossFunction = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+_COMMON_STATE_FILE = "lightning_state.pt"
+# Each rank saves and loads its own optimizer buffers, in parallel (Megatron-LM's default).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+_PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
+               "bf16": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16}
+
+
+class MegatronBridgeStrategy(ParallelStrategy):
+    """Lightning strategy: an HF checkpoint trained with Megatron-Core TP, PP, DP (and EP)."""
+
+    strategy_name = "megatron_bridge"
+
+    def __init__(
+        self,
+        model: str | os.PathLike | AutoBridge | None = None,
+        *,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        virtual_pipeline_model_parallel_size: int | None = None,
+        expert_model_parallel_size: int = 1,
+        context_parallel_size: int = 1,
+        sequence_parallel: bool = False,
+        micro_batch_size: int | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        load_weights: bool = True,
+        seed: int = 1234,
+        ddp_config: Any = None,
+        provider_overrides: Mapping[str, Any] | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
+                         cluster_environment=cluster_environment)
+        self.model_source = model
+        self.parallel_sizes = dict(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            context_parallel_size=context_parallel_size,
+        )
+        self.sequence_parallel = sequence_parallel
+        self.micro_batch_size = micro_batch_size
+        self.torch_dtype = torch_dtype
+        self.load_weights = load_weights
+        self.seed = seed
+        self.ddp_config = ddp_config
+        self.provider_overrides = dict(provider_overrides or {})
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self.num_nodes = 1
+        self.bridge: AutoBridge | None = None
+        self.provider: GPTModelProvider | None = None
+        self.model_chunks: list[torch.nn.Module] = []
+        self.megatron_optimizer: Any = None
+
+    # --- properties ----------------------------------------------------------------------------
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    @override
+    def is_distributed(self) -> bool:
+        return True
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        """Samplers split data over data-parallel replicas only: TP/PP ranks share a batch."""
+        return {"num_replicas": ps.get_data_parallel_world_size(), "rank": ps.get_data_parallel_rank()}
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    @override
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    @property
+    def tensor_model_parallel_size(self) -> int:
+        return self.parallel_sizes["tensor_model_parallel_size"]
+
+    @property
+    def pipeline_model_parallel_size(self) -> int:
+        return self.parallel_sizes["pipeline_model_parallel_size"]
+
+    # --- lifecycle, in the order Lightning calls it --------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        if not self.cluster_environment.creates_processes_externally:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_world_size()
+        super().setup_environment()
+        self._setup_distributed()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        self._check_trainer(trainer)
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if not self.model_chunks:
+            self.model_chunks = self._build_model(wrap_with_ddp=True)
+        module = self.lightning_module
+        if hasattr(module, "configure_megatron_model"):
+            module.configure_megatron_model(self.model_chunks, self)
+        else:
+            module.megatron_model = torch.nn.ModuleList(self.model_chunks)
+        self.model = module
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.barrier()
+
+    @override
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """The module's ``configure_optimizers`` returns a Megatron optimizer (and scheduler)."""
+        result = self.lightning_module.configure_optimizers()
+        optimizer, schedulers = (result, []) if not isinstance(result, (tuple, list)) else (result[0], list(result[1:]))
+        if isinstance(optimizer, dict):
+            schedulers = [optimizer["lr_scheduler"]] if optimizer.get("lr_scheduler") else []
+            optimizer = optimizer["optimizer"]
+        from lightning.pytorch.utilities.types import LRSchedulerConfig
+
+        self.megatron_optimizer = optimizer
+        self.optimizers = [optimizer]
+        self.lr_scheduler_configs = [
+            s if isinstance(s, LRSchedulerConfig) else LRSchedulerConfig(scheduler=s, interval="step")
+            for s in schedulers
+        ]
+        self._connect_optimizer(optimizer)
+
+    @override
+    def model_to_device(self) -> None:
+        pass  # the provider builds the chunks on the right device
+
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
+        """Megatron's optimizer step (grad clipping and the distributed param gather included)."""
+        closure()
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        success, grad_norm, _ = optimizer.step()
+        self.last_grad_norm = grad_norm
+        return success
+
+    @override
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError(
+            "MegatronBridgeStrategy runs backward inside Megatron's schedule: call "
+            "self.trainer.strategy.forward_backward(batch, loss_fn) in training_step instead of "
+            "manual_backward (CausalLMModule does this for you)."
+        )
+
+    # --- the step ------------------------------------------------------------------------------
+    def forward_backward(self, batch: dict[str, torch.Tensor], loss_fn: LossFunction,
+                         forward_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of Megatron's schedule over the microbatches of ``batch``.
+
+        ``loss_fn(microbatch, logits)`` returns ``(loss_sum, num_tokens)``; this returns the
+        token-weighted mean loss over the whole global batch and its token count, on every rank.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batch = {k: v.to(self.root_device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        input_ids = batch["input_ids"]
+        batch_size, seq_length = input_ids.shape
+        micro = self._micro_batch_size(batch_size)
+        microbatches = [
+            {k: v[i:i + micro] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            for i in range(0, batch_size, micro)
+        ]
+        if not forward_only:
+            for chunk in self.model_chunks:
+                chunk.zero_grad_buffer()
+            self.megatron_optimizer.zero_grad()
+        position_ids = torch.arange(seq_length, device=input_ids.device).expand(micro, seq_length)
+
+        def forward_step(data_iterator: Iterator, model: torch.nn.Module):
+            microbatch = next(data_iterator)
+            logits = model(microbatch["input_ids"], position_ids, None)
+            return logits, partial(_reduce_for_megatron, loss_fn, microbatch)
+
+        chunks = self.model_chunks
+        for chunk in chunks:
+            chunk.train(not forward_only)
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro,
+            forward_only=forward_only,
+        )
+        return self._global_mean_loss(outputs)
+
+    # --- collectives ---------------------------------------------------------------------------
+    @override
+    def barrier(self, name: str | None = None) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not dist.is_initialized():
+            return obj
+        objects = [obj]
+        dist.broadcast_object_list(objects, src, group=_group.WORLD)
+        return objects[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Values logged by CausalLMModule are already global; other tensors are averaged over DP."""
+        if not isinstance(tensor, torch.Tensor) or not dist.is_initialized():
+            return tensor
+        tensor = tensor.clone()
+        op = str(reduce_op).lower()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=ps.get_data_parallel_group())
+        if op in ("mean", "avg", "reduceop.avg"):
+            tensor /= ps.get_data_parallel_world_size()
+        return tensor
+
+    # --- state and checkpoints -----------------------------------------------------------------
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """This rank's model shards as Megatron ``ShardedTensor``s (saved by dist_checkpointing)."""
+        state: dict[str, Any] = {}
+        for index, chunk in enumerate(self.model_chunks):
+            key = "model" if len(self.model_chunks) == 1 else f"model{index}"
+            state[key] = chunk.sharded_state_dict()
+        return state
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return optimizer.sharded_state_dict(self.lightning_module_state_dict(), metadata=_OPTIMIZER_METADATA)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | os.PathLike,
+                        storage_options: Any = None) -> None:
+        """A folder: Megatron's sharded checkpoint of model + optimizer, plus Lightning's own state."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(self.broadcast(str(filepath)))
+        sharded = {"state_dict": checkpoint.pop("state_dict")}
+        for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
+            sharded[f"optimizer_{index}"] = state
+        staging = path.with_name(path.name + ".tmp")
+        if self.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier()
+        dist_checkpointing.save(sharded, str(staging))
+        if self.global_rank == 0:
+            checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
+            torch.save(checkpoint, staging / _COMMON_STATE_FILE)
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.replace(staging, path)
+        self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
+        """Restore model and optimizer shards in place; return Lightning's state for the loops."""
+        from megatron.core import dist_checkpointing
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path / _COMMON_STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"{path} is not a MegatronBridgeStrategy checkpoint (no {_COMMON_STATE_FILE}). "
+                "Pass a folder written by this strategy's ModelCheckpoint / trainer.save_checkpoint."
+            )
+        template = {"state_dict": self.lightning_module_state_dict()}
+        if self.megatron_optimizer is not None and self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            model_state = self.lightning_module_state_dict()
+            _materialize_optimizer_state(self.megatron_optimizer)
+            template["optimizer_0"] = self.megatron_optimizer.sharded_state_dict(
+                model_state, is_loading=True, metadata=_OPTIMIZER_METADATA
+            )
+        loaded = dist_checkpointing.load(template, str(path))
+        for index, chunk in enumerate(self.model_chunks):
+            key = "model" if len(self.model_chunks) == 1 else f"model{index}"
+            unwrap(chunk).load_state_dict(_strip_wrapper_prefix(loaded["state_dict"][key]))
+        if "optimizer_0" in loaded:
+            with torch.no_grad():
+                self.megatron_optimizer.load_state_dict(loaded["optimizer_0"])
+        checkpoint = torch.load(path / _COMMON_STATE_FILE, map_location="cpu", weights_only=False)
+        if "optimizer_0" in loaded and checkpoint.get("adam_step") is not None:
+            _set_adam_step(self.megatron_optimizer, checkpoint["adam_step"])
+        checkpoint["state_dict"] = {}
+        return checkpoint
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # load_checkpoint already restored the shards in place
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # load_checkpoint already restored the shards in place
+
+    @override
+    def remove_checkpoint(self, filepath: str | os.PathLike) -> None:
+        if self.global_rank == 0:
+            shutil.rmtree(filepath, ignore_errors=True)
+
+    @override
+    def teardown(self) -> None:
+        super().teardown()
+
+    # --- private helpers -----------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        self.set_world_ranks()
+        backend = self._process_group_backend or ("nccl" if self.root_device.type == "cuda" else "gloo")
+        cpu_runtime.activate()
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+        if not dist.is_initialized():
+            _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
+        sizes = {k: v for k, v in self.parallel_sizes.items()}
+        initialize_model_parallel(**sizes, seed=self.seed)
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    def _check_world_size(self) -> None:
+        world = self.num_nodes * self.num_processes
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        cp = self.parallel_sizes["context_parallel_size"]
+        if world % (tp * pp * cp):
+            raise ValueError(
+                f"devices x num_nodes = {world} is not divisible by tensor_model_parallel_size ({tp}) x "
+                f"pipeline_model_parallel_size ({pp}) x context_parallel_size ({cp}). Use a multiple of "
+                f"{tp * pp * cp} devices, or smaller parallel sizes."
+            )
+
+    def _check_trainer(self, trainer: pl.Trainer) -> None:
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                "Trainer(accumulate_grad_batches=...) does not apply with MegatronBridgeStrategy: "
+                "Megatron accumulates over microbatches. Use a larger batch and "
+                "MegatronBridgeStrategy(micro_batch_size=...) instead."
+            )
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                "Trainer(gradient_clip_val=...) does not apply with MegatronBridgeStrategy: the Megatron "
+                "optimizer clips gradients. Use CausalLMModule(gradient_clip_val=...) instead."
+            )
+
+    def _resolve_dtype(self) -> torch.dtype:
+        precision = getattr(self.precision_plugin, "precision", "32-true")
+        if self.torch_dtype is not None:
+            return self.torch_dtype if isinstance(self.torch_dtype, torch.dtype) else getattr(torch, self.torch_dtype)
+        if precision not in _PRECISIONS:
+            raise ValueError(
+                f"Trainer(precision={precision!r}) cannot be honoured by Megatron. Use '32-true', "
+                "'bf16-mixed' or '16-mixed' (Megatron's own mixed precision with fp32 main weights)."
+            )
+        chosen = _PRECISIONS[precision]
+        if chosen is None:  # the default: bf16 with fp32 main weights on GPU, fp32 on CPU
+            return torch.bfloat16 if self.root_device.type == "cuda" else torch.float32
+        return chosen
+
+    def _build_model(self, wrap_with_ddp: bool) -> list[torch.nn.Module]:
+        self.bridge = self._resolve_bridge()
+        dtype = self._resolve_dtype()
+        self.precision_plugin = Precision()  # Megatron's Float16Module does mixed precision itself
+        provider = self.bridge.to_megatron_provider(load_weights=self.load_weights)
+        for key, value in {**self.parallel_sizes, "sequence_parallel": self.sequence_parallel}.items():
+            setattr(provider, key, value)
+        provider.params_dtype = dtype
+        provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+        provider.pipeline_dtype = dtype
+        provider.seed = self.seed
+        provider.calculate_per_token_loss = True
+        for key, value in self.provider_overrides.items():
+            if not hasattr(provider, key):
+                raise TypeError(f"provider_overrides: {key!r} is not a TransformerConfig or provider field")
+            setattr(provider, key, value)
+        self.provider = provider
+        from megatron.core.distributed import DistributedDataParallelConfig
+
+        ddp_config = self.ddp_config or DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
+            check_for_nan_in_grad=False,
+        )
+        return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config)
+
+    def _resolve_bridge(self) -> AutoBridge:
+        source = self.model_source
+        if source is None:
+            source = getattr(self.lightning_module, "hf_model", None)
+        if source is None:
+            raise ValueError(
+                "MegatronBridgeStrategy needs a model: MegatronBridgeStrategy('meta-llama/Llama-3.2-1B') "
+                "(an HF id, a local checkpoint folder or an AutoBridge)."
+            )
+        if isinstance(source, AutoBridge):
+            return source
+        return AutoBridge.from_hf_pretrained(source)
+
+    def _connect_optimizer(self, optimizer: Any) -> None:
+        """Hand Megatron's schedule the hooks of its DDP and optimizer (as Megatron-LM does)."""
+        from megatron.core.distributed import finalize_model_grads
+
+        config = self.provider
+        config.grad_scale_func = optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [chunk.no_sync for chunk in self.model_chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    def _micro_batch_size(self, batch_size: int) -> int:
+        micro = self.micro_batch_size or (1 if self.pipeline_model_parallel_size > 1 else batch_size)
+        if batch_size % micro:
+            raise ValueError(
+                f"The batch size {batch_size} is not divisible by micro_batch_size={micro}. Make the "
+                "DataLoader's batch_size a multiple of it (use drop_last=True for a ragged last batch)."
+            )
+        return micro
+
+    def _global_mean_loss(self, outputs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-weighted mean loss over microbatches and data-parallel replicas, on every rank."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.root_device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            for reduced in outputs:
+                totals += reduced["loss"].to(totals)
+            dist.all_reduce(totals, group=ps.get_data_parallel_group())
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return (totals[0] / totals[1].clamp_min(1)).float(), totals[1].float()
+
+
+def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """Keys of a DDP / Float16Module state dict, as the bare GPTModel names them."""
+    stripped = {}
+    for key, value in state.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        stripped[key] = value
+    return stripped
+
+
+def _materialize_optimizer_state(optimizer: Any) -> None:
+    """Give a fresh Megatron optimizer its (zero) state, so a checkpoint can be loaded into it."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner.optimizer
+        if inner.init_state_fn is not None:
+            inner.init_state_fn(torch_optimizer, inner.config)
+        for group in torch_optimizer.param_groups:
+            for param in group["params"]:
+                torch_optimizer.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _adam_step(optimizer: Any) -> float | None:
+    """The optimizer's step count (the same for every parameter), if it has taken a step."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                return float(state["step"])
+    return None
+
+
+def _set_adam_step(optimizer: Any, step: float) -> None:
+    """Give every parameter its own step counter, set to ``step``.
+
+    Without Apex or Transformer Engine, megatron-core 0.16 neither saves the step of its torch
+    Adam in the distributed checkpoint nor restores one counter per parameter, so the strategy
+    keeps the step in its own state and puts it back here.
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in inner.optimizer.state.values():
+            state["step"] = torch.tensor(float(step))
+
+
+def _reduce_for_megatron(loss_fn: LossFunction, microbatch: dict[str, torch.Tensor], logits: torch.Tensor):
+    """Megatron's loss-function contract: (loss sum, token count, values to report)."""
+    loss_sum, num_tokens = loss_fn(microbatch, logits)
+    num_tokens = num_tokens.to(torch.int)
+    report = torch.stack([loss_sum.detach().double(), num_tokens.double()])
+    return loss_sum, num_tokens, {"loss": report}
+
+
+StrategyRegistry.register(
+    MegatronBridgeStrategy.strategy_name, MegatronBridgeStrategy,
+    description="Megatron-Core TP/PP/DP training of a Hugging Face model through lightning-bridge",
+)

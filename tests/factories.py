@@ -1,0 +1,50 @@
+"""Tiny random checkpoints of real architectures, built locally with transformers (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+BASE = dict(
+    vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "llama3.1": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 64})),
+    "llama3.2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(tie_word_embeddings=True)),
+    "llama-mha": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=4)),
+    "llama-mqa": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(num_key_value_heads=1)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=5)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24)),
+}
+
+
+def make_hf_config(family: str, **overrides) -> transformers.PretrainedConfig:
+    config_cls, _, extra = FAMILIES[family]
+    return config_cls(**{**BASE, **extra, **overrides})
+
+
+def make_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None, **overrides) -> Path:
+    """Save a tiny random ``family`` model to ``folder``; biases and norms made non-trivial."""
+    torch.manual_seed(seed)
+    config = make_hf_config(family, **overrides)
+    _, model_cls, _ = FAMILIES[family]
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.add_(torch.randn_like(param) * 0.1)
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return Path(folder)
