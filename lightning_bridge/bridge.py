@@ -265,7 +265,13 @@ class AutoBridge:
         return ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
 
     def _hf_order(self) -> list[str] | None:
-        return self.checkpoint_reader().names() if self._has_weights() else None
+        """The source checkpoint's tensors shard by shard, so each shard completes in turn."""
+        if not self._has_weights():
+            return None
+        reader = self.checkpoint_reader()
+        names = reader.names()
+        files = sorted(set(reader.weight_map.values()))
+        return sorted(names, key=lambda n: files.index(reader.weight_map[n]))
 
     def _kept_tied(self) -> list[str]:
         """Tied Megatron parameters whose HF tensor the source checkpoint stores anyway."""

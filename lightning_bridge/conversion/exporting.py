@@ -122,12 +122,14 @@ def export_hf_weights(
     local = {name: param for chunk in chunks for name, param in global_named_parameters(chunk)}
     device = parallel.comm_device()
     dtypes = dtypes or {}
+    position = {name: i for i, name in enumerate(hf_order or ())}
     for task in tqdm(plan, desc="Exporting HF weights", unit="tensor",
                      disable=not show_progress or layout.rank != 0):
         full = _deliver(task, local, layout, rank_of, mode, device)
         if full is None:
             continue
-        for hf_name, tensor in zip(task.hf_names, task.mapping.to_hf(full, ctx)):
+        converted = zip(task.hf_names, task.mapping.to_hf(full, ctx))
+        for hf_name, tensor in sorted(converted, key=lambda item: position.get(item[0], 0)):
             tensor = tensor.to(dtypes.get(hf_name, tensor.dtype))
             if cpu:
                 tensor = tensor.cpu()
