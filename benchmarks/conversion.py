@@ -1,0 +1,143 @@
+"""HF checkpoint -> Megatron (import), logits check, Megatron -> HF (export to host, save to disk).
+
+    torchrun --nproc_per_node=2 benchmarks/conversion.py --shapes llama3.2-1b --tp 2
+
+Prints one JSON line of figures on rank 0, with transformers' own load of the same files as the
+baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+from shapes import random_checkpoint
+
+from lightning_bridge import AutoBridge
+from lightning_bridge.distributed import initialize_distributed
+from lightning_bridge.hf_io import HFCheckpointReader
+from lightning_bridge.verify import megatron_logits, relative_difference, transformers_logits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="llama3.2-1b")
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--workdir", default="/tmp/lb-bench")
+    parser.add_argument("--check-logits", action="store_true", help="also compare fp32 logits with transformers")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    initialize_distributed()
+    rank = dist.get_rank()
+    source = os.path.join(args.workdir, f"{args.shapes}-{args.dtype}")
+    if rank == 0:
+        random_checkpoint(args.shapes, source, dtype)
+    dist.barrier()
+    figures: dict = {"shapes": args.shapes, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,
+                     "world_size": dist.get_world_size(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    reader = HFCheckpointReader(source)
+    nbytes = sum(torch.Size(reader.shape(n)).numel() * dtype.itemsize for n in reader.names())
+    figures["checkpoint_gb"] = round(nbytes / 1e9, 3)
+
+    if rank == 0 and torch.cuda.is_available():  # baseline: transformers' own load of the same files
+        import transformers
+
+        transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="cuda")  # warm cache
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="cuda")
+        torch.cuda.synchronize()
+        figures["transformers_load_s"] = round(time.perf_counter() - start, 3)
+        del hf
+        torch.cuda.empty_cache()
+    dist.barrier()
+
+    bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=dtype)
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = args.tp, args.pp
+    provider.perform_initialization = False
+    _sync()
+    start = time.perf_counter()
+    model = provider(wrap_with_ddp=False)
+    _sync()
+    figures["import_s"] = round(time.perf_counter() - start, 3)
+
+    _sync()
+    start = time.perf_counter()
+    exported_bytes = 0
+    for _, tensor in bridge.export_hf_weights(model, cpu=True, mode="consolidate"):
+        exported_bytes += tensor.numel() * tensor.element_size()
+    _sync()
+    elapsed = time.perf_counter() - start
+    figures["export_to_host_s"] = round(elapsed, 3)
+    figures["export_to_host_gb_per_s"] = round(exported_bytes / 1e9 / elapsed, 2) if rank == 0 else None
+
+    out = os.path.join(args.workdir, f"out-{args.shapes}-tp{args.tp}-pp{args.pp}")
+    _sync()
+    start = time.perf_counter()
+    bridge.save_hf_pretrained(model, out, show_progress=False)
+    _sync()
+    figures["save_hf_pretrained_s"] = round(time.perf_counter() - start, 3)
+    if rank == 0:
+        original, result = HFCheckpointReader(source), HFCheckpointReader(out)
+        figures["round_trip_bitwise"] = (result.names() == original.names() or sorted(result.names()) == sorted(original.names())) and all(
+            torch.equal(result.get(n), original.get(n)) for n in original.names())
+        from safetensors.torch import save_file
+
+        tensors = {n: result.get(n) for n in result.names()}
+        start = time.perf_counter()
+        raw = os.path.join(args.workdir, "raw.safetensors")
+        save_file(tensors, raw)
+        os.sync()
+        figures["raw_safetensors_write_s"] = round(time.perf_counter() - start, 3)
+        os.remove(raw)
+        shutil.rmtree(out)
+    del model
+    if args.check_logits:
+        figures["logits_rel_diff_fp32"] = _logits_check(source, args)
+    if rank == 0:
+        print("FIGURES " + json.dumps(figures), flush=True)
+    dist.barrier()
+
+
+def _logits_check(source: str, args) -> float | None:
+    """fp32 Megatron logits at this layout vs transformers' fp32 logits on the same input."""
+    from megatron.core import parallel_state as ps
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=torch.float32)
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = args.tp, args.pp
+    provider.perform_initialization = False
+    model = provider()
+    ids = torch.randint(0, bridge.hf_config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    ours = megatron_logits(model, ids)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    result = None
+    if dist.get_rank() == 0:
+        import transformers
+
+        device_map = "cuda" if torch.cuda.is_available() else None
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, device_map=device_map).eval()
+        result = relative_difference(ours, transformers_logits(hf, ids))
+    ps.destroy_model_parallel()
+    return result
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Model shapes the benchmarks use, and random HF checkpoints of them written locally."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False),
+    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True),
+    "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
+}
+
+
+def llama_config(shapes: str, dtype: torch.dtype = torch.bfloat16) -> transformers.LlamaConfig:
+    config = transformers.LlamaConfig(**SHAPES[shapes])
+    config.dtype = dtype
+    return config
+
+
+def random_checkpoint(shapes: str, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write (once) a random-weight HF checkpoint of ``shapes``; built on the GPU when there is one."""
+    folder = Path(folder)
+    if (folder / "config.json").is_file():
+        return folder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    start = time.perf_counter()
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(llama_config(shapes, dtype)).to(dtype)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    os.rename(tmp, folder)
+    print(f"wrote random {shapes} checkpoint to {folder} in {time.perf_counter() - start:.1f} s", flush=True)
+    return folder
