@@ -157,6 +157,12 @@ class MegatronBridgeStrategy(ParallelStrategy):
             self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
 
     @override
+    def connect(self, model: pl.LightningModule) -> None:
+        super().connect(model)
+        if model._trainer is not None:
+            self._check_trainer(model.trainer)  # before Lightning's own checks, which name no fix
+
+    @override
     def setup_environment(self) -> None:
         self._check_world_size()
         super().setup_environment()
@@ -166,7 +172,6 @@ class MegatronBridgeStrategy(ParallelStrategy):
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None
         self.accelerator.setup(trainer)
-        self._check_trainer(trainer)
         fitting = trainer.state.fn == TrainerFn.FITTING
         if not self.model_chunks:
             self.model_chunks = self._build_model(wrap_with_ddp=True)
