@@ -117,8 +117,11 @@ class AutoBridge:
         provider.finalize()
         return provider
 
-    def to_megatron_provider(self, load_weights: bool = True) -> GPTModelProvider:
-        """A provider: set its fields, then call it to build this rank's model chunks."""
+    def to_megatron_provider(self, load_weights: bool = True, show_progress: bool = True) -> GPTModelProvider:
+        """A provider: set its fields, then call it to build this rank's model chunks.
+
+        ``show_progress`` shows a progress bar on global rank 0 while the weights load.
+        """
         overrides: dict[str, Any] = {}
         if self.torch_dtype is not None:
             overrides["params_dtype"] = self.torch_dtype
@@ -126,12 +129,13 @@ class AutoBridge:
             overrides["fp16"] = self.torch_dtype == torch.float16
         provider = self._model_bridge.provider(**overrides)
         if load_weights and self._source is not None:
-            provider.weight_loader = lambda chunks, p: self.load_hf_weights(chunks, p)
+            provider.weight_loader = lambda chunks, p: self.load_hf_weights(chunks, p, show_progress=show_progress)
         return provider
 
-    def to_megatron_model(self, wrap_with_ddp: bool = False, **overrides: Any) -> list[torch.nn.Module]:
+    def to_megatron_model(self, wrap_with_ddp: bool = False, show_progress: bool = True,
+                          **overrides: Any) -> list[torch.nn.Module]:
         """Build this rank's Megatron model chunks with the HF weights loaded."""
-        provider = self.to_megatron_provider(load_weights=True)
+        provider = self.to_megatron_provider(load_weights=True, show_progress=show_progress)
         for key, value in overrides.items():
             if not hasattr(provider, key):
                 raise TypeError(f"{key!r} is not a TransformerConfig or provider field")
@@ -147,6 +151,7 @@ class AutoBridge:
         registry = self.mapping_registry()
         expected = registry.expected_hf_names(self._model_bridge.wildcard_ranges())
         check_checkpoint_names(reader, registry, expected, self._model_bridge.ignored_hf_patterns)
+        show_progress = show_progress and dist.get_rank() == 0
         load_hf_weights(chunks, reader, registry, self._context(provider), show_progress=show_progress)
 
     # --- HF side ----------------------------------------------------------------------------

@@ -64,3 +64,58 @@ def relative_difference(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """Max absolute difference divided by the reference logits' scale (max |logit|)."""
     ours, reference = ours.float().cpu(), reference.float().cpu()
     return ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+
+
+def round_trip(source: str, output: str, *, tensor_model_parallel_size: int = 1,
+               pipeline_model_parallel_size: int = 1) -> dict | None:
+    """HF -> Megatron -> HF at a layout, checked: logits vs transformers and bitwise equality.
+
+    A collective: call it on every rank. Returns the report on global rank 0, None elsewhere.
+    """
+    import time
+
+    import transformers
+
+    from lightning_bridge.bridge import AutoBridge
+    from lightning_bridge.hf_io import HFCheckpointReader
+
+    started = time.perf_counter()
+    bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=torch.float32)
+    provider = bridge.to_megatron_provider(show_progress=False)
+    provider.tensor_model_parallel_size = tensor_model_parallel_size
+    provider.pipeline_model_parallel_size = pipeline_model_parallel_size
+    model = provider(wrap_with_ddp=False)
+    import_s = time.perf_counter() - started
+
+    input_ids = torch.randint(0, bridge.hf_config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    ours = megatron_logits(model, input_ids)
+    started = time.perf_counter()
+    saved = bridge.save_hf_pretrained(model, output, show_progress=False)
+    export_s = time.perf_counter() - started
+    if dist.get_rank() != 0:
+        return None
+    reference = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    original, result = bridge.checkpoint_reader(), HFCheckpointReader(saved)
+    bitwise = sorted(original.names()) == sorted(result.names()) and all(
+        torch.equal(original.get(n), result.get(n)) for n in original.names())
+    transformers.AutoModelForCausalLM.from_pretrained(saved)  # transformers loads the result
+    return {
+        "model": str(source), "architecture": bridge.hf_config.architectures[0],
+        "layout": f"TP={tensor_model_parallel_size} PP={pipeline_model_parallel_size} on {dist.get_world_size()} process(es)",
+        "import_s": import_s, "export_s": export_s, "saved": str(saved), "tensors": len(original.names()),
+        "logits_relative_difference": relative_difference(ours, transformers_logits(reference, input_ids)),
+        "bitwise": bitwise,
+    }
+
+
+def print_round_trip(report: dict) -> bool:
+    """Print a round-trip report; True when both checks pass."""
+    ok_logits = report["logits_relative_difference"] <= 1e-5
+    print(f"model                 {report['model']} ({report['architecture']})")
+    print(f"layout                {report['layout']}")
+    print(f"HF -> Megatron        {report['import_s']:.2f} s")
+    print(f"logits vs transformers max |diff| / max |logit| = {report['logits_relative_difference']:.2e}"
+          f"  ({'OK' if ok_logits else 'MISMATCH'})")
+    print(f"Megatron -> HF        {report['export_s']:.2f} s -> {report['saved']}")
+    print(f"round trip            {'bitwise identical' if report['bitwise'] else 'DIFFERENT'} ({report['tensors']} tensors)")
+    return ok_logits and report["bitwise"]

@@ -1,0 +1,19 @@
+"""Each example runs in a small setting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from lightning_bridge.builtin import tiny_llama
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_2_way_hf_binding(tmp_path):
+    model = tiny_llama(tmp_path / "tiny")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "models" / "2_way_hf_binding.py"), "--model", str(model),
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bitwise identical" in result.stdout
