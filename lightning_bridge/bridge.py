@@ -12,6 +12,7 @@ model is built.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -60,6 +61,8 @@ class AutoBridge:
                  allow_pickle: bool = False, hub_kwargs: dict[str, Any] | None = None):
         self.hf_config = hf_config
         self._model_bridge: ModelBridge = self._family(hf_config)(hf_config)
+        self._model_bridge.check_supported()  # refuse what cannot be reproduced, before any work
+        self._model_bridge.computed_config()
         self._source = str(source) if source is not None else None
         self._revision = revision
         self._allow_pickle = allow_pickle
@@ -92,12 +95,13 @@ class AutoBridge:
     def can_handle(cls, path_or_config: str | os.PathLike | PretrainedConfig, trust_remote_code: bool = False) -> bool:
         """Whether a supported family handles this config (or checkpoint's config)."""
         config = path_or_config
-        if not isinstance(config, PretrainedConfig):
-            try:
+        try:
+            if not isinstance(config, PretrainedConfig):
                 config = AutoConfig.from_pretrained(str(config), trust_remote_code=trust_remote_code)
-            except (OSError, ValueError):
-                return False
-        return any(families.family_for(a) for a in (config.architectures or []))
+            cls(config)
+        except (OSError, ValueError):
+            return False
+        return True
 
     @classmethod
     def list_supported_models(cls) -> list[str]:
@@ -136,8 +140,9 @@ class AutoBridge:
                           **overrides: Any) -> list[torch.nn.Module]:
         """Build this rank's Megatron model chunks with the HF weights loaded."""
         provider = self.to_megatron_provider(load_weights=True, show_progress=show_progress)
+        known = {field.name for field in dataclasses.fields(provider)}
         for key, value in overrides.items():
-            if not hasattr(provider, key):
+            if key not in known:
                 raise TypeError(f"{key!r} is not a TransformerConfig or provider field")
             setattr(provider, key, value)
         return provider(wrap_with_ddp=wrap_with_ddp)
@@ -245,7 +250,7 @@ class AutoBridge:
     # --- helpers ----------------------------------------------------------------------------
     @staticmethod
     def _family(config: PretrainedConfig) -> type[ModelBridge]:
-        for architecture in config.architectures or []:
+        for architecture in config.architectures or _causal_lm_architectures(config):
             family = families.family_for(architecture)
             if family is not None:
                 return family
@@ -328,8 +333,19 @@ class _Everything(dict):
         return self._dtype
 
 
+def _causal_lm_architectures(config: PretrainedConfig) -> list[str]:
+    """transformers' causal-LM class for a config made in code (no ``architectures`` set)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    return [name] if isinstance(name, str) else []
+
+
 def _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, overrides) -> PretrainedConfig:
-    path = Path(str(path_or_id))
+    path = Path(str(path_or_id)).expanduser()
+    looks_local = path.is_absolute() or str(path_or_id).startswith((".", "~")) or isinstance(path_or_id, Path)
+    if looks_local and not path.exists():
+        raise ValueError(f"The folder {path} does not exist. Check the path (or pass a Hub id such as 'org/name').")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(
             f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. Point to the "

@@ -71,16 +71,24 @@ def initialize_model_parallel(
             f"data-parallel size {data_parallel} (world {world_size} / TP x PP x CP {model_parallel})."
         )
     if ps.model_parallel_is_initialized():
-        current = (
-            ps.get_tensor_model_parallel_world_size(),
-            ps.get_pipeline_model_parallel_world_size(),
-        )
-        wanted = (tensor_model_parallel_size, pipeline_model_parallel_size)
-        if current != wanted:
+        current = {
+            "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
+            "context_parallel_size": ps.get_context_parallel_world_size(),
+            "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+        }
+        wanted = dict(zip(current, (tensor_model_parallel_size, pipeline_model_parallel_size,
+                                    virtual_pipeline_model_parallel_size, context_parallel_size,
+                                    expert_model_parallel_size)))
+        different = [f"{k}={wanted[k]} (initialised: {current[k]})" for k in current if current[k] != wanted[k]]
+        if different:
             raise ValueError(
-                f"Megatron's parallel state is already initialised with TP x PP = {current}, "
-                f"but this model asks for {wanted}. Call "
-                "megatron.core.parallel_state.destroy_model_parallel() first, or use the same sizes."
+                "Megatron's parallel state is already initialised with TP x PP = "
+                f"({current['tensor_model_parallel_size']}, {current['pipeline_model_parallel_size']}), but this "
+                f"model asks for ({tensor_model_parallel_size}, {pipeline_model_parallel_size}): "
+                f"{', '.join(different)}. Call megatron.core.parallel_state.destroy_model_parallel() first, "
+                "or use the same sizes."
             )
         return
     ps.initialize_model_parallel(

@@ -107,6 +107,7 @@ class GPTModelProvider(TransformerConfig):
     def __call__(self, wrap_with_ddp: bool = False, ddp_config: Any = None,
                  load_weights: bool = True) -> list[torch.nn.Module]:
         """Build (and load) this rank's model chunks: one per virtual pipeline stage."""
+        self._check_parallel_sizes()
         initialize_model_parallel(
             tensor_model_parallel_size=self.tensor_model_parallel_size,
             pipeline_model_parallel_size=self.pipeline_model_parallel_size,
@@ -117,6 +118,9 @@ class GPTModelProvider(TransformerConfig):
             seed=self.seed,
         )
         self.finalize()
+        from megatron.core.tensor_parallel import random as mcore_random
+
+        mcore_random.model_parallel_cuda_manual_seed(self.seed)  # same seed, same random init
         vp_size = self.virtual_pipeline_model_parallel_size
         stages = range(vp_size) if vp_size else [None]
         chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
@@ -148,6 +152,13 @@ class GPTModelProvider(TransformerConfig):
                     f"Choose a tensor_model_parallel_size that divides it "
                     f"(for example {_largest_divisor(value, tp)})."
                 )
+        vp, pp = self.virtual_pipeline_model_parallel_size, self.pipeline_model_parallel_size
+        if vp is not None and (pp == 1 or self.num_layers % (pp * vp)):
+            raise ValueError(
+                f"virtual_pipeline_model_parallel_size={vp} needs pipeline_model_parallel_size > 1 and "
+                f"num_layers ({self.num_layers}) divisible by pipeline x virtual stages ({pp} x {vp}). "
+                "Set virtual_pipeline_model_parallel_size=None or choose sizes that divide the layers."
+            )
         if self.pipeline_model_parallel_size > self.num_layers:
             raise ValueError(
                 f"pipeline_model_parallel_size={self.pipeline_model_parallel_size} is larger than "

@@ -73,6 +73,9 @@ def plan_export(
         for name, shape, dtype in entries:
             owners.setdefault(name, (pp_rank, shape, dtype))
 
+    for name in keep_tied:  # tied and not a parameter of its own (PP=1): export from its twin
+        if name not in owners and registry.tied.get(name) in owners:
+            owners[name] = owners[registry.tied[name]]
     tasks = []
     for name, (pp_rank, shard_shape, dtype) in owners.items():
         if name in registry.tied and name not in keep_tied:
@@ -125,7 +128,7 @@ def export_hf_weights(
     position = {name: i for i, name in enumerate(hf_order or ())}
     for task in tqdm(plan, desc="Exporting HF weights", unit="tensor",
                      disable=not show_progress or layout.rank != 0):
-        full = _deliver(task, local, layout, rank_of, mode, device)
+        full = _deliver(task, local, layout, rank_of, mode, device, registry.tied)
         if full is None:
             continue
         converted = zip(task.hf_names, task.mapping.to_hf(full, ctx))
@@ -139,14 +142,14 @@ def export_hf_weights(
 
 def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayout,
              rank_of: dict[tuple[int, int, int], int], mode: ExportMode,
-             device: torch.device) -> torch.Tensor | None:
+             device: torch.device, tied: dict[str, str]) -> torch.Tensor | None:
     """The full Megatron tensor of ``task`` on the ranks that receive it under ``mode``."""
     on_owner_stage = layout.pp_rank == task.owner_pp_rank
     if mode == "distribute":
         if not on_owner_stage or rank_of_replica(task.destination, rank_of) != layout.dp_rank:
             return None
         dst_tp0 = task.destination
-        shards = parallel.gather_tp_to(_shard(local, task, device), dst_tp0)
+        shards = parallel.gather_tp_to(_shard(local, task, device, tied), dst_tp0)
         return task.mapping.gather(shards) if shards is not None else None
 
     if mode == "consolidate":
@@ -155,7 +158,7 @@ def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayou
         full = None
         if on_owner_stage:
             owner = rank_of[(0, task.owner_pp_rank, 0)]
-            shards = parallel.gather_tp_to(_shard(local, task, device), owner)
+            shards = parallel.gather_tp_to(_shard(local, task, device, tied), owner)
             if shards is not None:
                 full = task.mapping.gather(shards)
                 if layout.rank != 0:
@@ -169,7 +172,7 @@ def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayou
 
     # replicate: gather within the owning stage, then broadcast along each pipeline group.
     if on_owner_stage:
-        full = task.mapping.gather(parallel.all_gather_tp(_shard(local, task, device))).contiguous()
+        full = task.mapping.gather(parallel.all_gather_tp(_shard(local, task, device, tied))).contiguous()
     else:
         full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
     if layout.pp_size > 1:
@@ -186,8 +189,10 @@ def rank_of_replica(rank: int, rank_of: dict[tuple[int, int, int], int]) -> int:
     raise KeyError(rank)
 
 
-def _shard(local: dict[str, torch.Tensor], task: ExportTask, device: torch.device) -> torch.Tensor:
-    return local[task.megatron_name].detach().to(device)
+def _shard(local: dict[str, torch.Tensor], task: ExportTask, device: torch.device,
+           tied: dict[str, str]) -> torch.Tensor:
+    name = task.megatron_name if task.megatron_name in local else tied[task.megatron_name]
+    return local[name].detach().to(device)
 
 
 def _order_key(hf_order: Sequence[str] | None):

@@ -77,15 +77,18 @@ def load_hf_weights(
             )
         mapping, wildcards = found
         hf_names = mapping.hf_names(wildcards)
-        hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
-        full = mapping.to_megatron(hf_tensors, ctx)
         expected_full = _full_shape(mapping, tuple(param.shape), layout.tp_size)
-        if tuple(full.shape) != expected_full:
+        expected = [tuple(t.shape) for t in mapping.to_hf(torch.empty(expected_full, device="meta"), ctx)]
+        hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
+        found_shapes = [tuple(t.shape) for t in hf_tensors]
+        if found_shapes != expected:
+            wrong = [f"{n}: checkpoint {f}, config expects {e}"
+                     for n, f, e in zip(hf_names, found_shapes, expected) if f != e]
             raise ValueError(
-                f"Shape mismatch for {', '.join(hf_names)}: the checkpoint gives "
-                f"{[tuple(t.shape) for t in hf_tensors]}, which makes {tuple(full.shape)} for "
-                f"{name}, but the config expects {expected_full}. config.json and the weights disagree."
+                f"Shape mismatch for {'; '.join(wrong)}. config.json and the weights disagree: check "
+                "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size and vocab_size."
             )
+        full = mapping.to_megatron(hf_tensors, ctx)
         shard = mapping.shard(full, layout.tp_rank, layout.tp_size)
         with torch.no_grad():
             param.copy_(shard)

@@ -98,7 +98,7 @@ def _activation(cfg: PretrainedConfig):
 
 
 def _dtype(cfg: PretrainedConfig) -> torch.dtype:
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    dtype = getattr(cfg, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 

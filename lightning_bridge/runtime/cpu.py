@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 _ACTIVE = False
 _LOCK = threading.Lock()
+_THREAD = threading.local()  # the redirection mode is per thread in torch
 _CUDA_TENSOR_TYPES = {
     torch.float32: "torch.cuda.FloatTensor",
     torch.float16: "torch.cuda.HalfTensor",
@@ -66,8 +67,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             with torch._C.DisableTorchFunction():
                 cpu_name = args[0].type()
             return _CUDA_TENSOR_TYPES.get(args[0].dtype, cpu_name)
-        if func is torch.Tensor.to:
-            args = tuple("cpu" if _is_cuda_device(a) and not isinstance(a, int) else a for a in args)
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
 
 
@@ -155,12 +156,12 @@ def activate() -> bool:
     if not is_cpu_runtime():
         return False
     with _LOCK:
-        if _ACTIVE:
-            return True
-        _patch_torch_cuda()
-        _install_rng_tracker()
-        mode = _CudaToCpuMode()
-        mode.__enter__()  # stays on for the life of the process, in this thread
-        _ACTIVE = True
-        logger.debug("lightning_bridge CPU runtime active: Megatron-Core CUDA calls run on the CPU")
+        if not _ACTIVE:
+            _patch_torch_cuda()
+            _install_rng_tracker()
+            _ACTIVE = True
+            logger.debug("lightning_bridge CPU runtime active: Megatron-Core CUDA calls run on the CPU")
+    if not getattr(_THREAD, "mode", None):
+        _THREAD.mode = _CudaToCpuMode()
+        _THREAD.mode.__enter__()  # stays on for the life of this thread
     return True

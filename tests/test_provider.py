@@ -1,0 +1,193 @@
+"""Tests for lightning_bridge.provider: settable fields, validation at finalize(), building and loading."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from factories import make_checkpoint
+from megatron.core.transformer import TransformerConfig
+
+from lightning_bridge import AutoBridge, GPTModelProvider
+from lightning_bridge.conversion.parallel import global_named_parameters
+from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.hf_io import HFCheckpointReader
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint("qwen2", tmp_path_factory.mktemp("provider") / "qwen2")
+
+
+def small(**fields) -> GPTModelProvider:
+    defaults = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=96)
+    return GPTModelProvider(**{**defaults, **fields})
+
+
+# --- vocabulary padding -------------------------------------------------------------------------------
+@pytest.mark.parametrize("vocab,divisible_by,tp,padded", [
+    (96, 128, 1, 128),
+    (96, 128, 2, 256),
+    (128, 128, 1, 128),
+    (300, 128, 1, 384),
+    (300, 128, 2, 512),
+    (257, 64, 1, 320),
+    (100, 1, 4, 100),
+    (101, 1, 4, 104),
+])
+def test_padded_vocab_size_is_a_multiple_of_divisible_by_times_tp(vocab, divisible_by, tp, padded):
+    provider = small(vocab_size=vocab, make_vocab_size_divisible_by=divisible_by,
+                     tensor_model_parallel_size=tp)
+    assert provider.padded_vocab_size == padded
+    assert padded % (divisible_by * tp) == 0 and padded >= vocab
+
+
+def test_padded_vocab_size_follows_later_changes():
+    provider = small()
+    assert provider.padded_vocab_size == 128
+    provider.tensor_model_parallel_size = 4
+    assert provider.padded_vocab_size == 512
+    provider.make_vocab_size_divisible_by = 8
+    assert provider.padded_vocab_size == 96  # 96 is already a multiple of 8 x 4
+
+
+# --- finalize ---------------------------------------------------------------------------------------
+def test_fields_are_settable_until_finalize():
+    provider = small(num_attention_heads=3, tensor_model_parallel_size=2)  # invalid, but not checked yet
+    provider.num_attention_heads = 4
+    provider.finalize()
+    assert provider.kv_channels == 16
+
+
+def test_finalize_fills_megatrons_defaults():
+    provider = small()
+    assert (provider.kv_channels, provider.num_query_groups, provider.ffn_hidden_size) == (None, None, None)
+    provider.finalize()
+    assert provider.kv_channels == 16  # hidden / heads
+    assert provider.num_query_groups == 4  # MHA
+    assert provider.ffn_hidden_size == 256  # 4 x hidden
+    assert provider.pipeline_dtype is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU runtime defaults")
+def test_finalize_on_cpu_uses_cpu_initialisation():
+    provider = small(gradient_accumulation_fusion=True)
+    provider.finalize()
+    assert provider.use_cpu_initialization is True
+    assert provider.gradient_accumulation_fusion is False
+
+
+def test_finalize_sets_pipeline_dtype_for_pipeline_parallelism():
+    provider = small(pipeline_model_parallel_size=2, params_dtype=torch.bfloat16, bf16=True)
+    provider.finalize()
+    assert provider.pipeline_dtype == torch.bfloat16
+
+
+def test_finalize_refuses_more_stages_than_layers():
+    provider = small(pipeline_model_parallel_size=3)
+    with pytest.raises(ValueError, match=r"pipeline_model_parallel_size=3 is larger than the number of "
+                                         r"layers \(2\); use at most 2 stages"):
+        provider.finalize()
+
+
+@pytest.mark.parametrize("heads,tp,example", [(6, 4, 3), (12, 8, 6), (5, 2, 1)])
+def test_finalize_suggests_the_largest_tp_that_divides(heads, tp, example):
+    provider = small(hidden_size=heads * 8, num_attention_heads=heads, ffn_hidden_size=24 * heads,
+                     tensor_model_parallel_size=tp)
+    with pytest.raises(ValueError, match=rf"tensor_model_parallel_size={tp} does not divide "
+                                         rf"num_attention_heads={heads}\. .*for example {example}\)"):
+        provider.finalize()
+
+
+def test_finalize_runs_megatrons_own_validation():
+    provider = small(fp16=True, bf16=True)
+    with pytest.raises(ValueError, match="Only one of .*fp16.* and .*bf16.* should be True"):
+        provider.finalize()
+
+
+def test_transformer_config_fields():
+    provider = small()
+    values = provider.transformer_config_fields()
+    assert set(values) == {f.name for f in dataclasses.fields(TransformerConfig)}
+    assert values["num_layers"] == 2 and values["hidden_size"] == 64
+    assert "vocab_size" not in values  # a model-level setting, not a TransformerConfig field
+
+
+# --- building --------------------------------------------------------------------------------------
+def expected_megatron_tensors(bridge: AutoBridge, folder: Path,
+                              provider: GPTModelProvider) -> dict[str, torch.Tensor]:
+    """Every Megatron parameter computed straight from the HF tensors, through the mapping table."""
+    from lightning_bridge.conversion.context import ConversionContext
+
+    reader = HFCheckpointReader(folder)
+    registry = bridge.mapping_registry()
+    ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+    expected = {}
+    for mapping in registry.get_all_mappings():
+        for layer in range(provider.num_layers) if "*" in mapping.megatron else [None]:
+            wildcards = [str(layer)] if layer is not None else []
+            tensors = [reader.get(n) for n in mapping.hf_names(wildcards)]
+            expected[mapping.megatron_name(wildcards)] = mapping.to_megatron(tensors, ctx)
+    return expected
+
+
+def test_call_builds_chunks_with_the_checkpoint_loaded(checkpoint):
+    bridge = AutoBridge.from_hf_pretrained(checkpoint)
+    provider = bridge.to_megatron_provider()
+    chunks = provider(wrap_with_ddp=False)
+    assert isinstance(chunks, list) and len(chunks) == 1
+    params = dict(global_named_parameters(chunks[0]))
+    expected = expected_megatron_tensors(bridge, checkpoint, provider)
+    assert set(params) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(params[name].detach(), tensor), name
+    embedding = params["embedding.word_embeddings.weight"]
+    assert embedding.shape[0] == provider.padded_vocab_size == 128
+    assert not embedding[provider.vocab_size:].any()  # padding rows are zero
+
+
+def test_load_weights_false_leaves_the_model_random(checkpoint):
+    bridge = AutoBridge.from_hf_pretrained(checkpoint)
+    provider = bridge.to_megatron_provider()
+    params = dict(global_named_parameters(provider(load_weights=False)[0]))
+    reader = HFCheckpointReader(checkpoint)
+    # Megatron's initial values, not the file's
+    assert torch.equal(params["decoder.final_layernorm.weight"], torch.ones(64))
+    assert not torch.equal(params["decoder.final_layernorm.weight"], reader.get("model.norm.weight"))
+    assert not torch.equal(params["decoder.layers.0.mlp.linear_fc2.weight"],
+                           reader.get("model.layers.0.mlp.down_proj.weight"))
+
+
+def test_provider_without_weight_loader_builds_a_random_model():
+    calls = []
+    provider = small()
+    assert provider.weight_loader is None
+    first = dict(global_named_parameters(provider()[0]))
+    provider.weight_loader = lambda chunks, p: calls.append((len(chunks), p))
+    provider()
+    # the loader gets this rank's chunks and the provider itself
+    assert len(calls) == 1 and calls[0][0] == 1 and calls[0][1] is provider
+    assert first["embedding.word_embeddings.weight"].shape == (128, 64)
+
+
+def test_the_seed_makes_random_models_reproducible():
+    initialize_model_parallel()  # as after any earlier model in this process
+    a = dict(global_named_parameters(small(seed=5)()[0]))
+    b = dict(global_named_parameters(small(seed=5)()[0]))
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_virtual_pipeline_without_pipeline_parallelism_is_refused(checkpoint):
+    initialize_model_parallel()  # as after any earlier model in this process
+    provider = AutoBridge.from_hf_pretrained(checkpoint).to_megatron_provider()
+    provider.virtual_pipeline_model_parallel_size = 2
+    with pytest.raises(ValueError, match=r"virtual_pipeline_model_parallel_size=2.*"
+                                         r"pipeline_model_parallel_size"):
+        provider()  # today: two chunks, each a whole model with every layer, embedding and output layer
