@@ -17,3 +17,14 @@ def test_2_way_hf_binding(tmp_path):
                              "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bitwise identical" in result.stdout
+
+
+def test_finetune_with_lightnings_own_launcher(tmp_path):
+    """devices=2 in a plain process: Lightning starts the second process itself (TP=2)."""
+    model = tiny_llama(tmp_path / "tiny")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "finetune.py"), "--model", str(model), "--accelerator", "cpu",
+                             "--devices", "2", "--tp", "2", "--max-steps", "6", "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fit: 6 steps" in result.stdout
+    assert (tmp_path / "out" / "final" / "config.json").is_file()
