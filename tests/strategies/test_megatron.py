@@ -112,3 +112,25 @@ def test_missing_model_is_explained():
 
 def test_registered_by_name():
     assert "megatron_bridge" in pl.strategies.StrategyRegistry
+
+
+def test_validate_test_and_predict_without_fit(source):
+    """Evaluation entry points work on their own; predict gives transformers' logits."""
+    batches = [{"input_ids": (torch.arange(8) * 7 + i) % 96} for i in range(4)]
+
+    class Data(pl.LightningDataModule):  # a LightningDataModule works as well as a DataLoader
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(batches, batch_size=2)
+
+        test_dataloader = predict_dataloader = val_dataloader
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronBridgeStrategy(source), logger=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    module = CausalLMModule()
+    (validated,) = trainer.validate(module, datamodule=Data())
+    (tested,) = trainer.test(module, datamodule=Data())
+    assert validated["val_loss"] == pytest.approx(tested["test_loss"])
+    assert validated["val_ppl"] == pytest.approx(math.exp(validated["val_loss"]), rel=1e-5)
+    predicted = torch.cat(trainer.predict(module, datamodule=Data()))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(source)(torch.stack([b["input_ids"] for b in batches])).logits
+    torch.testing.assert_close(predicted, reference, rtol=1e-4, atol=1e-5)
