@@ -100,28 +100,16 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function, forward_only=True)
-        self.val_loss.update(loss, weight=tokens)
-        return loss
+        return self._evaluate(batch, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_count:
-            loss = self.val_loss.compute()
-            self.log("val_loss", loss, prog_bar=True)
-            self.log("val_ppl", torch.exp(loss))
-        self.val_loss.reset()
+        self._log_evaluation(self.val_loss, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function, forward_only=True)
-        self.test_loss.update(loss, weight=tokens)
-        return loss
+        return self._evaluate(batch, self.test_loss)
 
     def on_test_epoch_end(self) -> None:
-        if self.test_loss.update_count:
-            loss = self.test_loss.compute()
-            self.log("test_loss", loss)
-            self.log("test_ppl", torch.exp(loss))
-        self.test_loss.reset()
+        self._log_evaluation(self.test_loss, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Logits over the real vocabulary, [batch, seq, vocab], on every rank."""
@@ -137,6 +125,18 @@ class CausalLMModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], metric: torchmetrics.MeanMetric) -> torch.Tensor:
+        loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function, forward_only=True)
+        metric.update(loss, weight=tokens)  # token-weighted over the whole evaluation
+        return loss
+
+    def _log_evaluation(self, metric: torchmetrics.MeanMetric, prefix: str) -> None:
+        if metric.update_count:
+            loss = metric.compute()
+            self.log(f"{prefix}_loss", loss, prog_bar=prefix == "val")
+            self.log(f"{prefix}_ppl", torch.exp(loss))
+        metric.reset()
 
     def _min_lr(self) -> float:
         hp = self.hparams

@@ -133,11 +133,11 @@ def export_hf_weights(
             continue
         converted = zip(task.hf_names, task.mapping.to_hf(full, ctx))
         for hf_name, tensor in sorted(converted, key=lambda item: position.get(item[0], 0)):
-            tensor = tensor.to(dtypes.get(hf_name, tensor.dtype))
+            tensor = tensor.to(dtypes.get(hf_name, tensor.dtype)).contiguous()
             if cpu:
-                tensor = tensor.cpu()
+                tensor = to_host(tensor)
             logger.debug("exported %s -> %s (%s)", task.megatron_name, hf_name, task.mapping.kind)
-            yield hf_name, tensor.contiguous()
+            yield hf_name, tensor
 
 
 def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayout,
@@ -179,6 +179,16 @@ def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayou
         src = rank_of[(layout.tp_rank, task.owner_pp_rank, layout.dp_rank)]
         dist.broadcast(full, src=src, group=parallel.pp_group())
     return full
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy. From a GPU it lands in pinned memory: torch's caching host allocator reuses
+    the blocks of tensors the consumer has dropped, so steady-state copies run at DMA speed."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor)
+    return host
 
 
 def rank_of_replica(rank: int, rank_of: dict[tuple[int, int, int], int]) -> int:
