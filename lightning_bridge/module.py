@@ -12,7 +12,6 @@ and, optionally, a scheduler with ``step(increment)``). The same code runs at PP
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -183,7 +182,3 @@ def _as_list(value: Any) -> list[Any]:
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
 
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped so a diverged run prints inf rather than overflowing."""
-    return math.exp(min(loss, 50.0))
