@@ -1,6 +1,7 @@
 """HFCheckpoint: Hugging Face checkpoints written while training runs, without stalling it.
 
-    trainer = Trainer(strategy=MegatronBridgeStrategy("meta-llama/Llama-3.2-1B", tensor_model_parallel_size=2),
+    strategy = MegatronBridgeStrategy("meta-llama/Llama-3.2-1B", tensor_model_parallel_size=2)
+    trainer = Trainer(strategy=strategy,
                       callbacks=[HFCheckpoint("hf-checkpoints", every_n_train_steps=500, keep_last_k=3)])
 
 Every save writes ``dirpath/step-<global_step>/``: safetensors shards + index, ``config.json``,
@@ -10,9 +11,12 @@ Every save writes ``dirpath/step-<global_step>/``: safetensors shards + index, `
 How a save runs
 ---------------
 * **Training thread (every rank)**: drains ``bridge.export_hf_weights`` (it holds the collectives:
-  TP gathers, PP sends) and hands each tensor it receives to a staging queue, as a private copy
-  (pinned host memory when the model is on a GPU, so the copy is asynchronous; a plain clone on the
-  CPU), so the optimizer may change the weights right after.
+  TP gathers, PP sends) and hands each tensor it receives to a staging queue, as a private copy, so
+  the optimizer may change the weights right after. On a GPU the copy goes asynchronously, on the
+  current stream, into pinned host memory; when this rank's share fits the budget, every tensor
+  keeps its pinned buffer from save to save, and ``on_train_start`` (:meth:`HFCheckpoint.warm_up`)
+  pins them before the first step, so a save blocks training for the device-to-host copy only
+  (about 0.3 s for Llama-3-8B on an H200, see benchmarks/README.md). On the CPU it is a clone.
 * **Writer thread (one per rank, only while a save is in flight)**: takes tensors from the queue
   into an :class:`~lightning_bridge.hf_io.ShardedSafetensorsWriter`, which writes each shard as soon
   as it is complete; then config, generation config and tokenizer files, the index, fsync and the
@@ -24,6 +28,9 @@ How a save runs
   deadlock whatever the budget. Default: on a GPU, everything this rank receives when that fits in
   a quarter of the host's available memory (per local rank), else two shards; on the CPU, two
   shards. ``save_stats[i]["staged_all"]`` says whether a save fitted in the budget whole.
+* **Memory**: the staged bytes (up to the budget) in host memory, pinned on a GPU and kept pinned
+  between saves when everything fits; nothing extra on the device beyond the export's own
+  temporaries (a tensor or two at a time).
 * **One save at a time**: a save that falls due while the previous one is still writing first
   waits for it (``waited_s`` in the stats), so there is never more than one writer per rank.
 
@@ -55,6 +62,15 @@ folder; a replaced folder goes through hf_io's ``.old`` swap), ``latest`` is rep
 ``os.replace``, and pruned folders are renamed to a temporary name before they are deleted. A kill
 at any moment therefore leaves complete ``step-*`` folders only; the temporaries it leaves are
 removed at the next setup.
+
+The folder: ``dirpath`` holds only ``step-<n>/`` folders, the ``latest`` text file (the name of the
+newest complete checkpoint; no symlink, for file systems without them) and our temporaries; any
+other content is refused at setup. A ``step-<n>`` left by an earlier run is replaced when this run
+saves that step (the same ``.old`` swap); ``keep_last_k`` counts the folders up to the step just
+saved, so checkpoints of later steps left by an earlier run are not deleted.
+
+Outside a Trainer (scripts, benchmarks), on every rank: ``callback.save(bridge, model_chunks, step)``
+then ``callback.wait()``; ``callback.warm_up(bridge, model_chunks)`` first pins the buffers.
 """
 
 from __future__ import annotations
@@ -69,9 +85,10 @@ import shutil
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -124,7 +141,9 @@ def _broadcast(obj: Any) -> Any:
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:  # hf_io's writer puts its whole message there
+        return exc.strerror.rstrip(".") + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}".rstrip(".")
 
 
 class _Aborted(Exception):
@@ -139,8 +158,11 @@ class _Layout:
     owner: dict[str, int]  # shard file -> the rank that writes it
     received: list[str]  # the names this rank receives, in export order
     nbytes: dict[str, int]
+    shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
     total_bytes: int
+    budget: int = 0  # this rank's staging budget, decided once (available memory changes as it is used)
+    staged_all: bool = True  # this rank's whole share fits the budget
     extra_files: dict[str, str] = field(default_factory=dict)  # rank 0: config.json, generation_config.json
     copy_files: list[Path] = field(default_factory=list)  # rank 0: tokenizer files
 
@@ -169,14 +191,14 @@ def _distribute_plan(specs: Sequence[TensorSpec], destination: dict[str, int],
 class _SaveJob:
     """One save on this rank: the staging queue (training thread -> writer thread) and the writer."""
 
-    def __init__(self, callback: HFCheckpoint, layout: _Layout, step: int, budget: int, staged_all: bool):
+    def __init__(self, callback: HFCheckpoint, layout: _Layout, step: int):
         self.cb, self.layout, self.step = callback, layout, step
         self.rank = _rank()
         self.final_dir = callback.dirpath / f"step-{step}"
         self.parts = layout.writer_ranks != [0]
         self.shared_tmp = callback.dirpath / f".step-{step}.tmp-{callback._token}"
         self.own_plan = layout.own_plan(self.rank)
-        self.budget, self.staged_all = budget, staged_all
+        self.budget, self.staged_all = layout.budget, layout.staged_all
         self.file_of = {name: file for file, names in self.own_plan.items() for name in names}
         self.started = time.perf_counter()
         self.waited_s = self.blocked_s = 0.0
@@ -184,7 +206,7 @@ class _SaveJob:
         self.own_error: str | None = None  # this rank's part
         self.error: str | None = None  # rank 0: the whole save
         self.published = False
-        self.own_done, self.others_reported, self._abort = threading.Event(), threading.Event(), threading.Event()
+        self.own_done, self._abort = threading.Event(), threading.Event()
         self._deadline: float | None = None
         self._cond = threading.Condition()
         self._queue: deque = deque()
@@ -214,15 +236,16 @@ class _SaveJob:
             self._staged += nbytes
         event = None
         if tensor.is_cuda:
-            staged = torch.empty(tensor.shape, dtype=dtype, pin_memory=True)
+            staged = self.cb._pinned(name, tensor.shape, dtype, keep=self.staged_all)
             staged.copy_(tensor, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:  # a copy: the exported tensor may alias a live parameter
             staged = tensor.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         with self._cond:
-            self._queue.append((name, staged, event, nbytes))
-            self._cond.notify_all()
+            if not self._failed:
+                self._queue.append((name, staged, event, nbytes))
+                self._cond.notify_all()
 
     def close(self, abort: bool = False) -> None:
         """No more tensors; with ``abort`` the save is abandoned (its partial output removed)."""
@@ -238,7 +261,6 @@ class _SaveJob:
             self._abort.set()
             self.error = self.error or "; ".join(f"rank {r}: {e}" for r, e in sorted(errors.items()))
         self._deadline = time.monotonic() + _PART_WAIT_GRACE_S
-        self.others_reported.set()
 
     def give_up_after(self, seconds: float) -> None:
         """Rank 0 without a sync point (after an exception): stop waiting for parts after a while."""
@@ -278,8 +300,8 @@ class _SaveJob:
                 self.cb._after_publish(self.final_dir)
         except BaseException as exc:  # noqa: BLE001
             if self.published:
-                self.error = (f"the checkpoint {self.final_dir} is complete, but updating {LATEST} or removing "
-                              f"older checkpoints failed: {_describe(exc)}")
+                self.error = (f"the checkpoint {self.final_dir} is complete, but updating {LATEST} or "
+                              f"removing older checkpoints failed: {_describe(exc)}")
             else:
                 self.error = self.error or _describe(exc)
                 shutil.rmtree(self.shared_tmp, ignore_errors=True)
@@ -364,7 +386,8 @@ class _SaveJob:
                 elif (failed := part.with_name(part.name + ".failed")).is_file():
                     pending.discard(rank)
                     self.error = self.error or f"rank {rank}: {failed.read_text(errors='replace')}"
-            if pending and (self._abort.is_set() or (self._deadline is not None and time.monotonic() > self._deadline)):
+            late = self._deadline is not None and time.monotonic() > self._deadline
+            if pending and (self._abort.is_set() or late):
                 if self.error is None:
                     shown = ", ".join(str(r) for r in sorted(pending))
                     self.error = (f"the shards of rank(s) {shown} never appeared in {self.shared_tmp}. With "
@@ -394,7 +417,8 @@ class _SaveJob:
             shutil.rmtree(part)
         if len(layout.plan) > 1 or SAFE_WEIGHTS_NAME not in layout.plan:
             weight_map = {name: file for file, names in layout.plan.items() for name in names}
-            index = {"metadata": {"total_size": layout.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": layout.total_bytes},
+                     "weight_map": dict(sorted(weight_map.items()))}
             (root / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             _fsync(root / SAFE_WEIGHTS_INDEX_NAME)
         _fsync(root)
@@ -438,7 +462,8 @@ class HFCheckpoint(pl.Callback):
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be positive (or None/0 for never).")
         if keep_last_k is not None and keep_last_k < 1:
-            raise ValueError(f"keep_last_k={keep_last_k} must be at least 1, or None to keep every checkpoint.")
+            raise ValueError(f"keep_last_k={keep_last_k} must be at least 1, or None to keep every "
+                             "checkpoint.")
         if max_shard_size <= 0 or (staging_budget_bytes is not None and staging_budget_bytes <= 0):
             raise ValueError("max_shard_size and staging_budget_bytes must be positive numbers of bytes.")
         self.dirpath = Path(dirpath)
@@ -454,6 +479,7 @@ class HFCheckpoint(pl.Callback):
         self._token = ""
         self._layout_key: tuple | None = None
         self._layout: _Layout | None = None
+        self._pinned_pool: dict[str, torch.Tensor] = {}
 
     # --- Lightning hooks ----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -462,9 +488,14 @@ class HFCheckpoint(pl.Callback):
         strategy = trainer.strategy
         if not (hasattr(strategy, "bridge") and hasattr(strategy, "model_chunks")):
             raise TypeError(
-                f"HFCheckpoint needs MegatronBridgeStrategy (a strategy with .bridge and .model_chunks), but the "
-                f"trainer uses {type(strategy).__name__}. Pass strategy=MegatronBridgeStrategy(...) to the Trainer.")
+                f"HFCheckpoint needs MegatronBridgeStrategy (a strategy with .bridge and .model_chunks), but "
+                f"the trainer uses {type(strategy).__name__}. Pass strategy=MegatronBridgeStrategy(...) to "
+                "the Trainer.")
         self.prepare()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_train_steps or self.every_n_epochs or self.save_last:
+            self.warm_up(trainer.strategy.bridge, trainer.strategy.model_chunks)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -481,7 +512,8 @@ class HFCheckpoint(pl.Callback):
             self.save_now(trainer)
         self.wait()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
         self._abandon()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -500,11 +532,22 @@ class HFCheckpoint(pl.Callback):
                 error = (type(exc).__name__, str(exc))
         error, path, token = _broadcast((error, path, f"{os.getpid()}-{secrets.token_hex(4)}"))
         if error is not None:
-            raise {"ValueError": ValueError, "PermissionError": PermissionError}.get(error[0], OSError)(error[1])
+            kind = {"ValueError": ValueError, "PermissionError": PermissionError}.get(error[0], OSError)
+            raise kind(error[1])
         self.dirpath, self._token = Path(path), token
         if self.mode == "distribute" and _world_size() > 1:
             self._check_shared_file_system()
         self._prepared = True
+
+    def warm_up(self, bridge: Any, model_chunks: Sequence[torch.nn.Module]) -> None:
+        """Plan the saves now and, on a GPU when this rank's share fits the staging budget, pin its host
+        buffers, so the first save does not pay for pinning (seconds for a few GB). Collective."""
+        self.prepare()
+        chunks = list(model_chunks)
+        layout = self._layout_for(bridge, chunks)
+        if layout.staged_all and _on_gpu(chunks):
+            for name in layout.received:
+                self._pinned(name, layout.shapes[name], layout.dtypes[name], keep=True)
 
     def save_now(self, trainer: Any) -> bool:
         """Save at ``trainer.global_step`` now, from ``trainer.strategy.bridge`` / ``.model_chunks``.
@@ -516,7 +559,9 @@ class HFCheckpoint(pl.Callback):
         return self.save(strategy.bridge, strategy.model_chunks, trainer.global_step)
 
     def save(self, bridge: Any, model_chunks: Sequence[torch.nn.Module], step: int) -> bool:
-        """Save ``model_chunks`` as ``dirpath/step-<step>`` through ``bridge`` (an ``AutoBridge``). Collective."""
+        """Save ``model_chunks`` as ``dirpath/step-<step>`` through ``bridge`` (an ``AutoBridge``).
+
+        Collective: call it on every rank; :meth:`wait` (or the next save) finishes it."""
         if step in self._saved_steps:
             return False
         self.prepare()
@@ -525,15 +570,14 @@ class HFCheckpoint(pl.Callback):
         waited = time.perf_counter() - start
         chunks = list(model_chunks)
         layout = self._layout_for(bridge, chunks)
-        budget, staged_all = self._budget(layout, chunks)
         self._saved_steps.add(step)
-        job = _SaveJob(self, layout, step, budget, staged_all)
+        job = _SaveJob(self, layout, step)
         job.waited_s = waited
         job.start()
         self._pending = job
-        on_gpu = any(p.is_cuda for chunk in chunks for p in chunk.parameters())
         try:
-            for name, tensor in bridge.export_hf_weights(chunks, cpu=not on_gpu, mode=self.mode, dtype=self.dtype):
+            for name, tensor in bridge.export_hf_weights(chunks, cpu=not _on_gpu(chunks), mode=self.mode,
+                                                         dtype=self.dtype):
                 job.put(name, tensor)
         except BaseException:
             job.close(abort=True)
@@ -596,8 +640,9 @@ class HFCheckpoint(pl.Callback):
         if not all(seen):
             missing = [r for r, ok in enumerate(seen) if not ok]
             raise ValueError(
-                f"HFCheckpoint(mode='distribute') needs dirpath {self.dirpath} on a file system shared by every "
-                f"rank, but rank(s) {missing} do not see it. Use a shared folder, or mode='consolidate'.")
+                f"HFCheckpoint(mode='distribute') needs dirpath {self.dirpath} on a file system shared by "
+                f"every rank, but rank(s) {missing} do not see it. Use a shared folder, or "
+                "mode='consolidate'.")
 
     def _layout_for(self, bridge: Any, chunks: list[torch.nn.Module]) -> _Layout:
         """The shard plan and who writes what (collective the first time; cached per model)."""
@@ -620,7 +665,8 @@ class HFCheckpoint(pl.Callback):
             owner = dict.fromkeys(plan, 0)
             received = [s.name for s in specs] if rank == 0 else []
         nbytes = {s.name: s.nbytes for s in specs}
-        layout = _Layout(plan, owner, received, nbytes, {s.name: s.dtype for s in specs}, sum(nbytes.values()))
+        layout = _Layout(plan, owner, received, nbytes, {s.name: s.shape for s in specs},
+                         {s.name: s.dtype for s in specs}, sum(nbytes.values()))
         if rank == 0:
             config = bridge.hf_config
             if self.dtype is not None:
@@ -631,16 +677,29 @@ class HFCheckpoint(pl.Callback):
             if generation is not None:
                 layout.extra_files["generation_config.json"] = generation.to_json_string()
             layout.copy_files = list(bridge._tokenizer_files())
+        layout.budget, layout.staged_all = self._budget(layout, chunks)
         self._layout_key, self._layout = key, layout
+        self._pinned_pool.clear()  # kept only while everything fits: see _pinned
         return layout
+
+    def _pinned(self, name: str, shape: torch.Size, dtype: torch.dtype, keep: bool) -> torch.Tensor:
+        """A pinned host buffer for one tensor. When the whole model fits the budget, each tensor keeps
+        its buffer from save to save (pinning memory is what makes a first save slow); a save only
+        starts once the previous one is written, so a buffer is never in use twice."""
+        buffer = self._pinned_pool.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = torch.empty(shape, dtype=dtype, pin_memory=True)
+            if keep:
+                self._pinned_pool[name] = buffer
+        return buffer
 
     def _budget(self, layout: _Layout, chunks: list[torch.nn.Module]) -> tuple[int, bool]:
         mine = sum(layout.nbytes[name] for name in layout.received)
         budget = self.staging_budget_bytes
         if budget is None:
             budget = 2 * self.max_shard_size
-            if any(p.is_cuda for chunk in chunks for p in chunk.parameters()):
-                local = max(1, torch.cuda.device_count())
+            if _on_gpu(chunks):
+                local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count())))
                 if mine <= _available_memory() / 4 / local:
                     budget = max(budget, mine)
         return budget, mine <= budget
@@ -702,6 +761,10 @@ class HFCheckpoint(pl.Callback):
             except OSError as exc:
                 logger.warning("HFCheckpoint could not remove the old checkpoint step-%d in %s: %s",
                                n, self.dirpath, exc)
+
+
+def _on_gpu(chunks: Sequence[torch.nn.Module]) -> bool:
+    return any(p.is_cuda for chunk in chunks for p in chunk.parameters())
 
 
 def _step_folders(dirpath: Path) -> list[int]:

@@ -124,7 +124,7 @@ def export_hf_weights(
     plan, rank_of = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
     local = {name: param for chunk in chunks for name, param in global_named_parameters(chunk)}
     device = parallel.comm_device()
-    dtypes = dtypes or {}
+    dtypes = {} if dtypes is None else dtypes
     position = {name: i for i, name in enumerate(hf_order or ())}
     for task in tqdm(plan, desc="Exporting HF weights", unit="tensor",
                      disable=not show_progress or layout.rank != 0):
