@@ -25,6 +25,13 @@ FAMILIES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(sliding_window=5)),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=24)),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(tie_word_embeddings=True)),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, dict(
+        pad_token_id=0, sliding_window=5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(
+        head_dim=24, tie_word_embeddings=True)),
 }
 
 
@@ -42,7 +49,7 @@ def make_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: torch.dt
     model = model_cls(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
+            if "norm" in name or ".ln_" in name or name.endswith("bias"):  # .ln_: GPT-2's norms
                 param.add_(torch.randn_like(param) * 0.1)
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

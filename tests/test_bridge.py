@@ -22,7 +22,8 @@ from lightning_bridge.builtin import build_tokenizer
 from lightning_bridge.conversion.parallel import global_named_parameters
 from lightning_bridge.hf_io import HFCheckpointReader
 
-SUPPORTED = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+SUPPORTED = ["GPT2LMHeadModel", "GemmaForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Olmo2ForCausalLM",
+             "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +56,12 @@ def rewrite_weights(folder: Path, change) -> Path:
     return folder
 
 
-def gpt2_folder(tmp_path: Path) -> Path:
-    """A GPT-2 config.json (an architecture the bridge does not support yet)."""
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, architectures=["GPT2LMHeadModel"])
-    config.save_pretrained(tmp_path / "gpt2")
-    return tmp_path / "gpt2"
+def gpt_neox_folder(tmp_path: Path) -> Path:
+    """A GPT-NeoX config.json (an architecture the bridge does not support yet)."""
+    config = transformers.GPTNeoXConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                                        intermediate_size=32, architectures=["GPTNeoXForCausalLM"])
+    config.save_pretrained(tmp_path / "gpt_neox")
+    return tmp_path / "gpt_neox"
 
 
 def dot_entries(parent: Path) -> list[str]:
@@ -132,9 +134,9 @@ def test_causal_lm_bridge_has_the_same_api(source):
 def test_can_handle(source, tmp_path):
     assert AutoBridge.can_handle(source) and AutoBridge.can_handle(str(source))
     assert AutoBridge.can_handle(hf_config("qwen3"))
-    assert not AutoBridge.can_handle(transformers.GPT2Config(architectures=["GPT2LMHeadModel"]))
-    assert not AutoBridge.can_handle(transformers.GPT2Config())
-    assert not AutoBridge.can_handle(gpt2_folder(tmp_path))
+    assert not AutoBridge.can_handle(transformers.GPTNeoXConfig(architectures=["GPTNeoXForCausalLM"]))
+    assert not AutoBridge.can_handle(transformers.GPTNeoXConfig())
+    assert not AutoBridge.can_handle(gpt_neox_folder(tmp_path))
     (tmp_path / "no-config").mkdir()
     assert not AutoBridge.can_handle(tmp_path / "no-config")
     assert not AutoBridge.can_handle(tmp_path / "does-not-exist")
@@ -143,7 +145,8 @@ def test_can_handle(source, tmp_path):
 def test_supported_models_and_bridges():
     assert AutoBridge.list_supported_models() == SUPPORTED
     assert AutoBridge.get_supported_bridges() == [
-        "LlamaBridge", "MistralBridge", "Qwen2Bridge", "Qwen3Bridge"]
+        "GPT2Bridge", "GemmaBridge", "LlamaBridge", "MistralBridge", "Olmo2Bridge", "Phi3Bridge", "Qwen2Bridge",
+        "Qwen3Bridge"]
 
 
 # --- the Megatron side --------------------------------------------------------------------------------------
@@ -321,11 +324,11 @@ def test_saving_over_an_existing_folder_replaces_it_atomically(built, tmp_path):
 
 # --- bad input: the model ---------------------------------------------------------------------------
 def test_unsupported_architecture_names_it_and_lists_the_supported_ones(tmp_path):
-    message = rf"GPT2LMHeadModel is not supported\. Supported architectures: {', '.join(SUPPORTED)}\."
+    message = rf"GPTNeoXForCausalLM is not supported\. Supported architectures: {', '.join(SUPPORTED)}\."
     with pytest.raises(ValueError, match=message):
-        AutoBridge.from_hf_pretrained(gpt2_folder(tmp_path))
+        AutoBridge.from_hf_pretrained(gpt_neox_folder(tmp_path))
     with pytest.raises(ValueError, match=message):
-        AutoBridge.from_hf_config(transformers.GPT2Config(architectures=["GPT2LMHeadModel"]))
+        AutoBridge.from_hf_config(transformers.GPTNeoXConfig(architectures=["GPTNeoXForCausalLM"]))
 
 
 def test_folder_without_config_json(tmp_path):

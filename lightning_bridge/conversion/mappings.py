@@ -198,3 +198,70 @@ def _fill(pattern: str, wildcards: Sequence[str]) -> str:
     for value, part in zip(wildcards, parts[1:]):
         out += [str(value), part]
     return "".join(out)
+
+
+class FusedQKV(QKV):
+    """One HF tensor [q; k; v] (Phi-3's ``qkv_proj``, GPT-2's ``c_attn``) <-> ``linear_qkv``.
+
+    The HF rows are all query heads, then all key heads, then all value heads; Megatron groups
+    them per query group (see :class:`QKV`). Works for weights and biases.
+    """
+
+    kind = "fused-qkv"
+
+    def to_megatron(self, hf_tensors, ctx):
+        (fused,) = hf_tensors
+        return super().to_megatron(fused.split(_qkv_sizes(ctx)), ctx)
+
+    def to_hf(self, megatron_tensor, ctx):
+        return [torch.cat(super().to_hf(megatron_tensor, ctx))]
+
+
+class FusedGatedMLP(GatedMLP):
+    """One HF tensor [gate; up] (Phi-3's ``gate_up_proj``) <-> ``linear_fc1``: the same layout.
+
+    Only the tensor-parallel split differs from a plain row split: each rank holds [gate_i; up_i].
+    """
+
+    kind = "fused-gated-mlp"
+
+    def to_megatron(self, hf_tensors, ctx):
+        (fused,) = hf_tensors
+        return fused
+
+    def to_hf(self, megatron_tensor, ctx):
+        return [megatron_tensor]
+
+
+class _TransposedHF:
+    """HF stores the weight as [in, out] (GPT-2's ``Conv1D``), the transpose of ``nn.Linear``."""
+
+    def to_megatron(self, hf_tensors, ctx):
+        return super().to_megatron([tensor.t() for tensor in hf_tensors], ctx)
+
+    def to_hf(self, megatron_tensor, ctx):
+        return [tensor.t() for tensor in super().to_hf(megatron_tensor, ctx)]
+
+
+class TransposedColumnParallel(_TransposedHF, ColumnParallel):
+    """:class:`ColumnParallel` for an HF ``Conv1D`` weight [in, out]."""
+
+    kind = "column-T"
+
+
+class TransposedRowParallel(_TransposedHF, RowParallel):
+    """:class:`RowParallel` for an HF ``Conv1D`` weight [in, out]."""
+
+    kind = "row-T"
+
+
+class TransposedFusedQKV(_TransposedHF, FusedQKV):
+    """:class:`FusedQKV` for an HF ``Conv1D`` weight [in, q + k + v] (GPT-2's ``c_attn``)."""
+
+    kind = "fused-qkv-T"
+
+
+def _qkv_sizes(ctx: ConversionContext) -> list[int]:
+    """Rows of q, k and v in an HF fused [q; k; v] tensor."""
+    kv_rows = ctx.num_query_groups * ctx.kv_channels
+    return [ctx.num_attention_heads * ctx.kv_channels, kv_rows, kv_rows]

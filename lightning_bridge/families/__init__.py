@@ -1,6 +1,8 @@
 """Model families: one small declarative file each. Importing this package registers them all."""
 
-from lightning_bridge.families import llama, mistral, qwen2, qwen3  # noqa: F401  (registration)
+from lightning_bridge.families import (  # noqa: F401  (registration)
+    gemma, gpt2, llama, mistral, olmo2, phi3, qwen2, qwen3,
+)
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.families.registry import family_for, register, supported_architectures
 

@@ -26,7 +26,17 @@ from lightning_bridge.provider import GPTModelProvider
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU, tanh approximation: HF's ``gelu_new`` and ``gelu_pytorch_tanh``.
+
+    Not Megatron's ``openai_gelu``: megatron-core compiles that with ``torch.compile``.
+    """
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+               "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh}
 # rope types whose whole effect is a different set of frequencies (no attention scaling).
 FREQUENCY_ONLY_ROPE = ("default", "linear", "llama3")
 TIED_OUTPUT = {"output_layer.weight": "embedding.word_embeddings.weight"}
@@ -90,10 +100,10 @@ class ModelBridge:
                 or getattr(self.hf_config, "num_experts", 0) or 0)
 
 
-def _activation(cfg: PretrainedConfig):
-    name = getattr(cfg, "hidden_act", "silu")
+def _activation(cfg: PretrainedConfig, attribute: str = "hidden_act"):
+    name = getattr(cfg, attribute, "silu")
     if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act={name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        raise ValueError(f"{attribute}={name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
