@@ -9,12 +9,12 @@ warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not in
 warnings.filterwarnings("ignore", message=r".*full scope is deprecated.*")
 
 from lightning_bridge.bridge import AutoBridge, CausalLMBridge
-from lightning_bridge.callbacks import HFCheckpoint
+from lightning_bridge.callbacks import HFCheckpoint, PushToHub
 from lightning_bridge.module import CausalLMModule
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.strategies import MegatronBridgeStrategy
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["AutoBridge", "CausalLMBridge", "HFCheckpoint", "CausalLMModule", "GPTModelProvider", "MegatronBridgeStrategy"]
+__all__ = ["AutoBridge", "CausalLMBridge", "HFCheckpoint", "CausalLMModule", "GPTModelProvider", "MegatronBridgeStrategy", "PushToHub"]
 __version__ = "0.1.0"

@@ -380,7 +380,16 @@ class MegatronBridgeStrategy(ParallelStrategy):
 
     @override
     def teardown(self) -> None:
-        super().teardown()
+        """Release Lightning's plugins but keep the trained chunks on their device for export.
+
+        Lightning's default moves the module to the CPU here; ``strategy.model_chunks`` stay put.
+        """
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        if self.accelerator is not None:
+            self.accelerator.teardown()
+        self.checkpoint_io.teardown()
 
     # --- private helpers -----------------------------------------------------------------------
     def _setup_distributed(self) -> None:
