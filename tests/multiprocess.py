@@ -39,3 +39,12 @@ def _entry(rank: int, fn, world_size: int, port: int, folder: str, args) -> None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# Variables an earlier in-process fit may have left: a child process must start its own world.
+DISTRIBUTED_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without torch.distributed's variables."""
+    return {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_VARIABLES}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from multiprocess import clean_environment
+
 from lightning_bridge.builtin import tiny_llama
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -14,7 +16,8 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_2_way_hf_binding(tmp_path):
     model = tiny_llama(tmp_path / "tiny")
     result = subprocess.run([sys.executable, str(EXAMPLES / "models" / "2_way_hf_binding.py"), "--model", str(model),
-                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+                             "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                            env=clean_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "bitwise identical" in result.stdout
 
@@ -24,7 +27,7 @@ def test_finetune_with_lightnings_own_launcher(tmp_path):
     model = tiny_llama(tmp_path / "tiny")
     result = subprocess.run([sys.executable, str(EXAMPLES / "finetune.py"), "--model", str(model), "--accelerator", "cpu",
                              "--devices", "2", "--tp", "2", "--max-steps", "6", "--output", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=clean_environment())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fit: 6 steps" in result.stdout
     assert (tmp_path / "out" / "final" / "config.json").is_file()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from multiprocess import clean_environment
 
 from lightning_bridge.builtin import tiny_llama
 
@@ -26,7 +26,7 @@ def test_two_simulated_nodes_under_torchrun(tmp_path):
               "--master_addr=127.0.0.1", f"--master_port={port}"]
     args = [str(FINETUNE), "--model", str(model), "--accelerator", "cpu", "--devices", "1", "--num-nodes", "2",
             "--tp", "2", "--max-steps", "4", "--output", str(tmp_path / "out")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**clean_environment(), "OMP_NUM_THREADS": "1"}
     nodes = [subprocess.Popen([*common, f"--node_rank={rank}", *args], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600) for node in nodes]
