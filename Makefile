@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python examples/models/2_way_hf_binding.py
+	$(BIN)/python examples/quickstart.py
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -31,3 +31,16 @@ def test_finetune_with_lightnings_own_launcher(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fit: 6 steps" in result.stdout
     assert (tmp_path / "out" / "final" / "config.json").is_file()
+
+
+def test_quickstart_main_job(tmp_path):
+    """The README's main job: fine-tune at TP=2, checkpoint, publish to the emulator, reload, generate."""
+    model = tiny_llama(tmp_path / "tiny")
+    result = subprocess.run([sys.executable, str(EXAMPLES / "quickstart.py"), "--model", str(model), "--max-steps", "4",
+                             "--output", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=clean_environment())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training     4 steps" in result.stdout
+    assert "hf-checkpoints/step-4" in result.stdout
+    assert "/demo/tiny-llama-finetuned/commit/" in result.stdout
+    assert "generated    'The red cat lives near" in result.stdout
