@@ -22,3 +22,26 @@ def test_roundtrip_reports_bitwise_identity(tmp_path, capsys):
     assert main(["roundtrip", str(tiny_llama(tmp_path / "tiny")), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "bitwise identical" in out and "(OK)" in out
+
+
+def test_hub_serve_answers_until_stopped(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    from huggingface_hub import HfApi
+
+    server = subprocess.Popen([sys.executable, "-m", "lightning_bridge.cli", "hub", "serve", "--root", str(tmp_path),
+                               "--port", "0", "--token", "secret-token"], stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = None
+        for line in server.stdout:
+            found = re.search(r"http://127\.0\.0\.1:\d+", line)
+            if found:
+                endpoint = found.group(0)
+                break
+        assert endpoint is not None
+        assert HfApi(endpoint=endpoint, token="secret-token").whoami()["name"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
