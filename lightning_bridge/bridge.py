@@ -287,13 +287,7 @@ class AutoBridge:
         """Tied Megatron parameters whose HF tensor the source checkpoint stores anyway."""
         if not self._has_weights():
             return []
-        registry, reader = self.mapping_registry(), self.checkpoint_reader()
-        kept = []
-        for name in registry.tied:
-            found = registry.megatron_to_hf_lookup(name)
-            if found and all(n in reader for n in found[0].hf_names(found[1])):
-                kept.append(name)
-        return kept
+        return self.mapping_registry().tied_stored_in(self.checkpoint_reader())
 
     def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
         """Per HF tensor: the asked dtype, else the source checkpoint's, else the config's."""

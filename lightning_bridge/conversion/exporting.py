@@ -84,10 +84,8 @@ def plan_export(
         if found is None:
             raise ValueError(f"No weight mapping for Megatron parameter {name!r}; cannot export it.")
         mapping, wildcards = found
-        full_shape = list(shard_shape)
-        if mapping.tp_dim is not None:
-            full_shape[mapping.tp_dim] *= layout.tp_size
-        tasks.append((name, mapping, tuple(mapping.hf_names(wildcards)), tuple(full_shape),
+        full_shape = mapping.full_shape(shard_shape, layout.tp_size)
+        tasks.append((name, mapping, tuple(mapping.hf_names(wildcards)), full_shape,
                       getattr(torch, dtype), pp_rank))
 
     tasks.sort(key=_order_key(hf_order))

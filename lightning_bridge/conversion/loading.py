@@ -66,10 +66,13 @@ def load_hf_weights(
     """Copy this rank's slice of every HF tensor into the parameters of ``chunks``."""
     layout = RankLayout.current()
     params = [(name, param) for chunk in chunks for name, param in global_named_parameters(chunk)]
+    stored_tied = registry.tied_stored_in(source)
     for name, param in tqdm(params, desc="Loading HF weights", unit="tensor", disable=not show_progress):
-        found = registry.megatron_to_hf_lookup(name)
-        if name in registry.tied and not (found and all(n in source for n in found[0].hf_names(found[1]))):
-            found = registry.megatron_to_hf_lookup(registry.tied[name])  # tied: the checkpoint has one copy
+        if name in registry.tied and name not in stored_tied:
+            name_in_checkpoint = registry.tied[name]  # tied: the checkpoint has one copy
+        else:
+            name_in_checkpoint = name
+        found = registry.megatron_to_hf_lookup(name_in_checkpoint)
         if found is None:
             raise ValueError(
                 f"No weight mapping for Megatron parameter {name!r}: the model family's mapping "
@@ -77,7 +80,7 @@ def load_hf_weights(
             )
         mapping, wildcards = found
         hf_names = mapping.hf_names(wildcards)
-        expected_full = _full_shape(mapping, tuple(param.shape), layout.tp_size)
+        expected_full = mapping.full_shape(param.shape, layout.tp_size)
         expected = [tuple(t.shape) for t in mapping.to_hf(torch.empty(expected_full, device="meta"), ctx)]
         hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
         found_shapes = [tuple(t.shape) for t in hf_tensors]
@@ -93,14 +96,6 @@ def load_hf_weights(
         with torch.no_grad():
             param.copy_(shard)
         logger.debug("loaded %s <- %s (%s)", name, ", ".join(hf_names), mapping.kind)
-
-
-def _full_shape(mapping, shard_shape: tuple[int, ...], tp_size: int) -> tuple[int, ...]:
-    if mapping.tp_dim is None:
-        return shard_shape
-    shape = list(shard_shape)
-    shape[mapping.tp_dim] *= tp_size
-    return tuple(shape)
 
 
 def _ignored(name: str, patterns: Sequence[str]) -> bool:

@@ -63,6 +63,13 @@ class WeightMapping:
     def to_hf(self, megatron_tensor: torch.Tensor, ctx: ConversionContext) -> list[torch.Tensor]:
         return [megatron_tensor]
 
+    def full_shape(self, shard_shape: Sequence[int], tp_size: int) -> tuple[int, ...]:
+        """The unsharded Megatron shape of a tensor-parallel rank's ``shard_shape``."""
+        shape = list(shard_shape)
+        if self.tp_dim is not None:
+            shape[self.tp_dim] *= tp_size
+        return tuple(shape)
+
     def shard(self, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
         if self.tp_dim is None or tp_size == 1:
             return full

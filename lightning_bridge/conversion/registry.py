@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Sequence
+from typing import Container, Iterable, Sequence
 
 from lightning_bridge.conversion.mappings import WeightMapping
 
@@ -45,6 +45,15 @@ class MappingRegistry:
             if wildcards is not None:
                 return mapping, wildcards
         return None
+
+    def tied_stored_in(self, names: Container[str]) -> list[str]:
+        """Tied Megatron parameters whose own HF tensors ``names`` holds anyway."""
+        stored = []
+        for name in self.tied:
+            found = self.megatron_to_hf_lookup(name)
+            if found and all(hf in names for hf in found[0].hf_names(found[1])):
+                stored.append(name)
+        return stored
 
     def expected_hf_names(self, wildcard_ranges: Sequence[int]) -> set[str]:
         """Every HF name the full model has, filling ``*`` n with ``range(wildcard_ranges[n])``."""
