@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 LayerSpecFn = Callable[["GPTModelProvider"], ModuleSpec]
 WeightLoader = Callable[[list[torch.nn.Module], "GPTModelProvider"], None]
+# Changes a freshly built chunk where a family differs from GPTModel outside the layer spec
+# (an output-layer bias, soft-capped final logits); runs before weights load.
+ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
 
 
 def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
@@ -59,6 +62,7 @@ class GPTModelProvider(TransformerConfig):
     parallel_output: bool = True
     layer_spec: LayerSpecFn = local_layer_spec
     weight_loader: WeightLoader | None = None
+    model_hook: ModelHook | None = None
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class GPTModelProvider(TransformerConfig):
         )
         if self.rotary_inv_freq is not None and getattr(model, "rotary_pos_emb", None) is not None:
             model.rotary_pos_emb.inv_freq = self.rotary_inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        if self.model_hook is not None:
+            self.model_hook(model, self)
         return model
 
     def __call__(self, wrap_with_ddp: bool = False, ddp_config: Any = None,
