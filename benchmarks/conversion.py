@@ -16,6 +16,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from memory import PeakMemory
 from shapes import random_checkpoint
 
 from lightning_bridge import AutoBridge
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workdir", default="/tmp/lb-bench")
     parser.add_argument("--check-logits", action="store_true", help="also compare fp32 logits with transformers")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of the import on rank 0")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     initialize_distributed()
@@ -51,10 +53,12 @@ def main() -> None:
 
         transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="cuda")  # warm cache
         torch.cuda.synchronize()
-        start = time.perf_counter()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="cuda")
-        torch.cuda.synchronize()
-        figures["transformers_load_s"] = round(time.perf_counter() - start, 3)
+        with PeakMemory() as peak:
+            start = time.perf_counter()
+            hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map="cuda")
+            torch.cuda.synchronize()
+            figures["transformers_load_s"] = round(time.perf_counter() - start, 3)
+        figures.update(peak.figures("transformers_load"))
         del hf
         torch.cuda.empty_cache()
     dist.barrier()
@@ -64,27 +68,39 @@ def main() -> None:
     provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = args.tp, args.pp
     provider.perform_initialization = False
     _sync()
-    start = time.perf_counter()
-    model = provider(wrap_with_ddp=False)
-    _sync()
-    figures["import_s"] = round(time.perf_counter() - start, 3)
+    profiler = _profiler(args.profile and rank == 0)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        with profiler:
+            model = provider(wrap_with_ddp=False)
+        _sync()
+        figures["import_s"] = round(time.perf_counter() - start, 3)
+    figures.update(peak.figures("import"))
+    if args.profile and rank == 0:
+        import pstats
+
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
 
     _sync()
-    start = time.perf_counter()
-    exported_bytes = 0
-    for _, tensor in bridge.export_hf_weights(model, cpu=True, mode="consolidate"):
-        exported_bytes += tensor.numel() * tensor.element_size()
-    _sync()
-    elapsed = time.perf_counter() - start
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        exported_bytes = 0
+        for _, tensor in bridge.export_hf_weights(model, cpu=True, mode="consolidate"):
+            exported_bytes += tensor.numel() * tensor.element_size()
+        _sync()
+        elapsed = time.perf_counter() - start
+    figures.update(peak.figures("export"))
     figures["export_to_host_s"] = round(elapsed, 3)
     figures["export_to_host_gb_per_s"] = round(exported_bytes / 1e9 / elapsed, 2) if rank == 0 else None
 
     out = os.path.join(args.workdir, f"out-{args.shapes}-tp{args.tp}-pp{args.pp}")
     _sync()
-    start = time.perf_counter()
-    bridge.save_hf_pretrained(model, out, show_progress=False)
-    _sync()
-    figures["save_hf_pretrained_s"] = round(time.perf_counter() - start, 3)
+    with PeakMemory() as peak:
+        start = time.perf_counter()
+        bridge.save_hf_pretrained(model, out, show_progress=False)
+        _sync()
+        figures["save_hf_pretrained_s"] = round(time.perf_counter() - start, 3)
+    figures.update(peak.figures("save"))
     if rank == 0:
         original, result = HFCheckpointReader(source), HFCheckpointReader(out)
         figures["round_trip_bitwise"] = (result.names() == original.names() or sorted(result.names()) == sorted(original.names())) and all(
@@ -131,6 +147,13 @@ def _logits_check(source: str, args) -> float | None:
         result = relative_difference(ours, transformers_logits(hf, ids))
     ps.destroy_model_parallel()
     return result
+
+
+def _profiler(enabled: bool):
+    import contextlib
+    import cProfile
+
+    return cProfile.Profile() if enabled else contextlib.nullcontext()
 
 
 def _sync() -> None:

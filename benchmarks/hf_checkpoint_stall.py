@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from memory import PeakMemory
 from safetensors.torch import save_file
 from shapes import llama_config
 
@@ -49,6 +50,8 @@ def main() -> None:
                         help="tokens per forward pass of the stand-in training")
     parser.add_argument("--baseline-s", type=float, default=5.0,
                         help="seconds of forward passes for the baseline")
+    parser.add_argument("--raw-repeats", type=int, default=1,
+                        help="raw writes in a row: does the disk itself slow down on the next write?")
     args = parser.parse_args()
 
     initialize_distributed()
@@ -85,13 +88,14 @@ def main() -> None:
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
-    figures.update(_raw_write(bridge, chunks, root / "raw", args.max_shard_size))
+    figures.update(_raw_write(bridge, chunks, root / "raw", args.max_shard_size, args.raw_repeats))
 
     figures["staging"] = {}
     for staging in args.staging.split(","):
         budget = None if staging == "staged" else 2 * args.max_shard_size
         callback = HFCheckpoint(root / staging, keep_last_k=1, max_shard_size=args.max_shard_size,
                                 staging_budget_bytes=budget)
+        peak = PeakMemory().__enter__()
         _sync()
         start = time.perf_counter()
         callback.warm_up(bridge, chunks)  # what on_train_start does: plan, and pin the staging buffers
@@ -114,8 +118,9 @@ def main() -> None:
                 "ratio_blocked_to_raw": round(synced / figures["raw_write_s"], 3),
                 "forward_per_s_during_write": round(rate, 3), "staged_all": stats["staged_all"],
             })
+        peak.__exit__(None, None, None)
         figures["staging"][staging] = {"budget_bytes": budget, "warm_up_s": round(warm_up_s, 3),
-                                       "saves": saves}
+                                       "saves": saves, **peak.figures("saves")}
         if rank == 0:
             shutil.rmtree(root / staging, ignore_errors=True)
         dist.barrier()
@@ -125,23 +130,29 @@ def main() -> None:
     dist.barrier()
 
 
-def _raw_write(bridge: AutoBridge, chunks: list, folder: Path, max_shard_size: int) -> dict:
-    """The floor: the same tensors, in host memory already, written by safetensors in the same shards."""
+def _raw_write(bridge: AutoBridge, chunks: list, folder: Path, max_shard_size: int, repeats: int = 1) -> dict:
+    """The floor: the same tensors, in host memory already, written by safetensors in the same shards.
+
+    ``raw_write_s`` is the first write; ``raw_write_repeats_s`` lists every write, one after the
+    other, each folder removed before the next (as ``keep_last_k=1`` does).
+    """
     specs = bridge.hf_tensor_specs(chunks)
     tensors = {name: tensor.to("cpu", copy=True)
                for name, tensor in bridge.export_hf_weights(chunks, cpu=False, mode="consolidate")}
     result: dict = {"checkpoint_gb": round(sum(s.nbytes for s in specs) / 1e9, 3)}
     if dist.get_rank() == 0:
-        folder.mkdir(parents=True)
         plan = plan_shards(specs, max_shard_size=max_shard_size)
-        start = time.perf_counter()
-        for file, names in plan.items():
-            save_file({name: tensors[name] for name in names}, folder / file, metadata={"format": "pt"})
-            _fsync(folder / file)
-        elapsed = time.perf_counter() - start
-        result.update(raw_write_s=round(elapsed, 3), raw_shards=len(plan),
-                      raw_write_gb_per_s=round(result["checkpoint_gb"] / elapsed, 3))
-        shutil.rmtree(folder)
+        times = []
+        for _ in range(repeats):
+            folder.mkdir(parents=True)
+            start = time.perf_counter()
+            for file, names in plan.items():
+                save_file({name: tensors[name] for name in names}, folder / file, metadata={"format": "pt"})
+                _fsync(folder / file)
+            times.append(round(time.perf_counter() - start, 3))
+            shutil.rmtree(folder)
+        result.update(raw_write_s=times[0], raw_write_repeats_s=times, raw_shards=len(plan),
+                      raw_write_gb_per_s=round(result["checkpoint_gb"] / times[0], 3))
     del tensors
     return _broadcast(result)
 
