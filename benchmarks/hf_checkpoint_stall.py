@@ -115,6 +115,7 @@ def main() -> None:
                 "step": step, "blocked_s": round(stats["blocked_s"], 3), "blocked_host_s": round(host, 3),
                 "blocked_synced_s": round(synced, 3), "total_s": round(stats["total_s"], 3),
                 "ratio_total_to_raw": round(stats["total_s"] / figures["raw_write_s"], 3),
+                "published_s": round(stats["published_s"], 3),  # the folder in place, before pruning
                 "ratio_blocked_to_raw": round(synced / figures["raw_write_s"], 3),
                 "forward_per_s_during_write": round(rate, 3), "staged_all": stats["staged_all"],
             })

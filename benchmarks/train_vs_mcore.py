@@ -63,7 +63,8 @@ def run_strategy(args, source: str, data: DataLoader) -> tuple[list[float], list
     timer = StepTimer()
     trainer = pl.Trainer(accelerator="auto", devices=world, strategy=strategy, max_steps=args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[timer], log_every_n_steps=1)
+                         callbacks=[timer], log_every_n_steps=1, precision=args.precision,
+                         use_distributed_sampler=False)  # the same batches, in the same order, as mcore
     trainer.fit(_module(args), data)
     return timer.step_times, timer.losses
 
@@ -160,7 +161,10 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workdir", default="/tmp/lb-bench")
+    parser.add_argument("--precision", default="bf16-mixed", help="the strategy's; mcore mode always runs bf16")
     args = parser.parse_args()
+    if args.tp * args.pp != int(os.environ.get("WORLD_SIZE", "1")):
+        parser.error("run with --nproc_per_node equal to tp * pp: both modes are compared with DP=1")
     if args.pp != 1 and args.mode == "mcore":
         parser.error("--mode mcore runs PP=1 (one model chunk); compare pipeline layouts with train_throughput.py")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -173,8 +177,7 @@ def main() -> None:
             time.sleep(0.5)
     dp = world // (args.tp * args.pp)
     dataset = CountingSequences(args.steps * args.batch * dp, args.seq, SHAPES[args.shapes]["vocab_size"])
-    # Every rank reads the same batches (no sampler) in mcore mode; the strategy shards them by DP rank.
-    # With DP=1 (the compared layouts) both see exactly the same data.
+    # DP=1: every rank reads the same batches, in order, in both modes.
     data = DataLoader(dataset, batch_size=args.batch, drop_last=True)
     with PeakMemory() as peak:
         step_times, losses = (run_strategy if args.mode == "strategy" else run_mcore)(args, source, data)

@@ -203,6 +203,7 @@ class _SaveJob:
         self.started = time.perf_counter()
         self.waited_s = self.blocked_s = 0.0
         self.total_s: float | None = None
+        self.published_s: float | None = None  # until the folder is in place, before pruning
         self.own_error: str | None = None  # this rank's part
         self.error: str | None = None  # rank 0: the whole save
         self.published = False
@@ -297,6 +298,7 @@ class _SaveJob:
                 self._assemble()
             if self.error is None:
                 self.published = True
+                self.published_s = time.perf_counter() - self.started
                 self.cb._after_publish(self.final_dir)
         except BaseException as exc:  # noqa: BLE001
             if self.published:
@@ -715,7 +717,7 @@ class HFCheckpoint(pl.Callback):
         if _rank() == 0:
             job.others_finished({r: e for r, e in enumerate(errors) if r != 0 and e})
             job.join()
-            outcome = {"error": job.error, "total_s": job.total_s}
+            outcome = {"error": job.error, "total_s": job.total_s, "published_s": job.published_s}
         else:
             outcome = None
         outcome = _broadcast(outcome)
@@ -724,7 +726,8 @@ class HFCheckpoint(pl.Callback):
                 f"HFCheckpoint could not save step {job.step} to {job.final_dir}: {outcome['error']}. "
                 f"Earlier checkpoints in {self.dirpath} are intact.")
         stats = {"step": job.step, "path": str(job.final_dir), "blocked_s": job.blocked_s,
-                 "total_s": outcome["total_s"], "bytes": job.layout.total_bytes, "waited_s": job.waited_s,
+                 "total_s": outcome["total_s"], "published_s": outcome["published_s"],
+                 "bytes": job.layout.total_bytes, "waited_s": job.waited_s,
                  "staged_all": job.staged_all, "mode": self.mode}
         self.save_stats.append(stats)
         return stats
