@@ -12,6 +12,7 @@ model is built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -181,8 +182,7 @@ class AutoBridge:
         """Write sharded safetensors + index, shard by shard, atomically (global rank 0 writes)."""
         chunks = _as_chunks(model)
         specs = self.hf_tensor_specs(chunks, dtype=dtype)
-        source_map = self.checkpoint_reader().weight_map if self._has_weights() else None
-        shard_plan = plan_shards(specs, max_shard_size=max_shard_size, source_weight_map=source_map)
+        shard_plan = plan_shards(specs, max_shard_size=max_shard_size, source_weight_map=self.source_weight_map())
         writer = None
         error: str | None = None
         if dist.get_rank() == 0:
@@ -214,13 +214,33 @@ class AutoBridge:
     def save_hf_pretrained(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
                            show_progress: bool = True, **kwargs: Any) -> Path:
         """A complete HF checkpoint: weights, config.json, generation_config.json, tokenizer files."""
+        extra, copy_files = self.hf_metadata_files(kwargs.get("dtype"))
+        return self.save_hf_weights(model, path, show_progress=show_progress, extra_files=extra,
+                                    copy_files=copy_files, **kwargs)
+
+    def hf_metadata_files(self, dtype: torch.dtype | None = None) -> tuple[dict[str, str], list[Path]]:
+        """What an HF checkpoint holds besides weights: ``config.json`` and ``generation_config.json``
+        (as text, ``dtype`` recorded when given) and the source's tokenizer files (paths to copy)."""
         config = self.hf_config
-        generation = self._generation_config()
+        if dtype is not None:
+            config = copy.deepcopy(config)
+            config.dtype = dtype
         extra = {"config.json": config.to_json_string(use_diff=False)}
+        generation = self._generation_config()
         if generation is not None:
             extra["generation_config.json"] = generation.to_json_string()
-        return self.save_hf_weights(model, path, show_progress=show_progress, extra_files=extra,
-                                    copy_files=self._tokenizer_files(), **kwargs)
+        return extra, self._tokenizer_files()
+
+    def source_weight_map(self) -> dict[str, str] | None:
+        """The source checkpoint's tensor -> file map (saves mirror its sharding); None without weights."""
+        return self.checkpoint_reader().weight_map if self._has_weights() else None
+
+    def export_destinations(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> dict[str, int]:
+        """HF tensor name -> the global rank that yields it in ``export_hf_weights(mode="distribute")``
+        (collective: every rank calls it)."""
+        tasks, _ = plan_export(_as_chunks(model), self.mapping_registry(), hf_order=self._hf_order(),
+                               keep_tied=self._kept_tied())
+        return {name: task.destination for task in tasks for name in task.hf_names}
 
     def hf_tensor_specs(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
                         dtype: torch.dtype | None = None) -> list[TensorSpec]:

@@ -75,7 +75,6 @@ then ``callback.wait()``; ``callback.warm_up(bridge, model_chunks)`` first pins 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -654,31 +653,20 @@ class HFCheckpoint(pl.Callback):
         specs = bridge.hf_tensor_specs(chunks, dtype=self.dtype)
         rank = _rank()
         if self.mode == "distribute":
-            from lightning_bridge.conversion.exporting import plan_export
-
-            tasks, _ = plan_export(chunks, bridge.mapping_registry(), hf_order=bridge._hf_order(),
-                                   keep_tied=bridge._kept_tied())
-            destination = {name: task.destination for task in tasks for name in task.hf_names}
+            destination = bridge.export_destinations(chunks)
             plan, owner = _distribute_plan(specs, destination, self.max_shard_size)
             received = [s.name for s in specs if destination[s.name] == rank]
         else:
-            source_map = bridge.checkpoint_reader().weight_map if bridge._has_weights() else None
-            plan = plan_shards(specs, max_shard_size=self.max_shard_size, source_weight_map=source_map)
+            plan = plan_shards(specs, max_shard_size=self.max_shard_size, source_weight_map=bridge.source_weight_map())
             owner = dict.fromkeys(plan, 0)
             received = [s.name for s in specs] if rank == 0 else []
         nbytes = {s.name: s.nbytes for s in specs}
         layout = _Layout(plan, owner, received, nbytes, {s.name: s.shape for s in specs},
                          {s.name: s.dtype for s in specs}, sum(nbytes.values()))
         if rank == 0:
-            config = bridge.hf_config
-            if self.dtype is not None:
-                config = copy.deepcopy(config)
-                config.dtype = self.dtype
-            layout.extra_files["config.json"] = config.to_json_string(use_diff=False)
-            generation = bridge._generation_config()
-            if generation is not None:
-                layout.extra_files["generation_config.json"] = generation.to_json_string()
-            layout.copy_files = list(bridge._tokenizer_files())
+            extra_files, copy_files = bridge.hf_metadata_files(self.dtype)
+            layout.extra_files.update(extra_files)
+            layout.copy_files = list(copy_files)
         layout.budget, layout.staged_all = self._budget(layout, chunks)
         self._layout_key, self._layout = key, layout
         self._pinned_pool.clear()  # kept only while everything fits: see _pinned
