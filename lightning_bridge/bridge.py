@@ -48,9 +48,10 @@ REFUSED_KWARGS = {
     "quantization_config": "quantized checkpoints are not supported; use an unquantized checkpoint.",
     "max_memory": "Megatron places weights by its parallel layout; use more ranks instead.",
     "offload_folder": "offloading is not supported; use more ranks instead.",
+    "proxies": "huggingface_hub takes no proxies argument; set the HTTPS_PROXY environment variable instead.",
 }
 # from_pretrained kwargs passed on to the Hub download / config loading.
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder", "proxies")
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder")
 ACCEPTED_NOOP_KWARGS = ("low_cpu_mem_usage", "use_safetensors")
 
 
@@ -284,12 +285,16 @@ class AutoBridge:
         return self._source is not None
 
     def _weights_folder(self) -> Path:
+        hub_kwargs = dict(self._hub_kwargs)
+        subfolder = hub_kwargs.pop("subfolder", None) or ""
         source = Path(self._source)
         if source.is_dir():
-            return source
+            return source / subfolder
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(self._source, revision=self._revision, **self._hub_kwargs))
+        patterns = [f"{subfolder}/*"] if subfolder else None
+        return Path(snapshot_download(self._source, revision=self._revision, allow_patterns=patterns,
+                                      **hub_kwargs)) / subfolder
 
     def _context(self, provider: GPTModelProvider) -> ConversionContext:
         return ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
@@ -360,7 +365,8 @@ def _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, overrides)
     looks_local = path.is_absolute() or str(path_or_id).startswith((".", "~")) or isinstance(path_or_id, Path)
     if looks_local and not path.exists():
         raise ValueError(f"The folder {path} does not exist. Check the path (or pass a Hub id such as 'org/name').")
-    if path.is_dir() and not (path / "config.json").is_file():
+    if path.is_dir() and not (path / hub_kwargs.get("subfolder", "") / "config.json").is_file():
+        path = path / hub_kwargs.get("subfolder", "")
         raise ValueError(
             f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. Point to the "
             "folder that holds config.json and the *.safetensors files."
