@@ -10,6 +10,8 @@ ValueError naming the setting.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from lightning_bridge.families.llama import LlamaBridge
 from lightning_bridge.families.registry import register
 from lightning_bridge.families.specs import gemma_block_spec
@@ -18,11 +20,12 @@ from lightning_bridge.families.specs import gemma_block_spec
 @register
 class GemmaBridge(LlamaBridge):
     architectures = ("GemmaForCausalLM",)
-    fixed_config = {**LlamaBridge.fixed_config, "layernorm_zero_centered_gamma": True,
-                    "layer_spec": gemma_block_spec}
+    fixed_config: ClassVar[dict[str, Any]] = {
+        **LlamaBridge.fixed_config, "layernorm_zero_centered_gamma": True, "layer_spec": gemma_block_spec,
+    }
 
     def check_supported(self) -> None:
         super().check_supported()
         if getattr(self.hf_config, "use_bidirectional_attention", False):
-            raise ValueError("GemmaConfig with use_bidirectional_attention=True is not supported: "
-                             "Megatron's GPT layer attends causally.")
+            raise ValueError(f"{type(self.hf_config).__name__} with use_bidirectional_attention=True is not "
+                             "supported: Megatron's GPT layer attends causally.")

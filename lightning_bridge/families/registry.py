@@ -8,6 +8,7 @@ if TYPE_CHECKING:
     from lightning_bridge.families.base import ModelBridge
 
 _FAMILIES: dict[str, type[ModelBridge]] = {}
+_REFUSED: dict[str, str] = {}  # architecture -> why it is refused and what to use instead
 
 
 def register(cls: type[ModelBridge]) -> type[ModelBridge]:
@@ -17,7 +18,17 @@ def register(cls: type[ModelBridge]) -> type[ModelBridge]:
     return cls
 
 
+def refuse(architecture: str, reason: str) -> None:
+    """Make AutoBridge refuse ``architecture`` with ``reason`` (say what to use instead).
+
+    A refused architecture is not listed as supported.
+    """
+    _REFUSED[architecture] = reason
+
+
 def family_for(architecture: str) -> type[ModelBridge] | None:
+    if architecture in _REFUSED:
+        raise ValueError(_REFUSED[architecture])
     return _FAMILIES.get(architecture)
 
 

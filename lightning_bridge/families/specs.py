@@ -33,11 +33,14 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
-    TransformerBlock, TransformerBlockSubmodules, get_num_layers_to_build,
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint,
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
 )
 
 from lightning_bridge.provider import local_layer_spec
@@ -111,6 +114,8 @@ class ZeroCenteredRMSNorm(torch.nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
+        # under sequence parallelism each rank sees part of the sequence: Megatron sums these grads
+        self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

@@ -9,9 +9,9 @@ from lightning_bridge import AutoBridge
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(use_bidirectional_attention=True),
+    ({"use_bidirectional_attention": True},
      r"GemmaConfig with use_bidirectional_attention=True is not supported"),
-    (dict(attention_bias=True), r"GemmaConfig with attention_bias=True is not supported"),
+    ({"attention_bias": True}, r"GemmaConfig with attention_bias=True is not supported"),
 ], ids=["bidirectional", "attention-bias"])
 def test_unsupported_settings_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
