@@ -26,7 +26,7 @@ import torch.distributed as dist
 from memory import PeakMemory
 from shapes import SHAPES, random_checkpoint
 from torch.utils.data import DataLoader
-from train_throughput import CountingSequences
+from train_throughput import CountingSequences, Timer
 
 from lightning_bridge import AutoBridge, CausalLMModule, MegatronBridgeStrategy
 from lightning_bridge.distributed import initialize_distributed
@@ -38,29 +38,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-class StepTimer(pl.Callback):
-    """Wall time of each training step, device work included."""
-
-    def __init__(self) -> None:
-        self.step_times: list[float] = []
-        self.losses: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        _sync()
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        _sync()
-        self.step_times.append(time.perf_counter() - self._start)
-        self.losses.append(float(trainer.callback_metrics["train_loss"]))
-
-
 def run_strategy(args, source: str, data: DataLoader) -> tuple[list[float], list[float]]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     strategy = MegatronBridgeStrategy(source, tensor_model_parallel_size=args.tp,
                                       pipeline_model_parallel_size=args.pp, micro_batch_size=args.micro)
-    timer = StepTimer()
+    timer = Timer()  # wall time of each step, device work included
     trainer = pl.Trainer(accelerator="auto", devices=world, strategy=strategy, max_steps=args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[timer], log_every_n_steps=1, precision=args.precision,
