@@ -486,11 +486,14 @@ def test_main_argument_errors():
 
 
 def test_main_serves_until_interrupted(tmp_path):
-    # Run the module file directly: it only needs the standard library, so the subprocess starts fast.
+    # Run the package on its own (`python -m hub_emulator`, not through lightning_bridge, which imports
+    # torch): it only needs the standard library, so the subprocess starts fast.
+    package_parent = Path(hub_emulator_module.__file__).parent.parent
     proc = subprocess.Popen(
         [
             sys.executable,
-            hub_emulator_module.__file__,
+            "-m",
+            "hub_emulator",
             "serve",
             "--root",
             str(tmp_path / "root"),
@@ -502,6 +505,7 @@ def test_main_serves_until_interrupted(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "PYTHONPATH": str(package_parent)},
     )
     watchdog = threading.Timer(20, proc.kill)
     watchdog.start()
