@@ -65,10 +65,15 @@ def initialize_model_parallel(
             f"= {model_parallel}. Launch a multiple of {model_parallel} processes, or change the sizes."
         )
     data_parallel = world_size // model_parallel
-    if data_parallel % expert_model_parallel_size:
+    # MoE experts have their own grid: expert TP x EP x PP x expert DP = the world.
+    expert_tp = expert_tensor_parallel_size or tensor_model_parallel_size
+    expert_grid = expert_tp * expert_model_parallel_size * pipeline_model_parallel_size
+    if world_size % expert_grid:
         raise ValueError(
-            f"expert_model_parallel_size={expert_model_parallel_size} must divide the "
-            f"data-parallel size {data_parallel} (world {world_size} / TP x PP x CP {model_parallel})."
+            f"The world size {world_size} is not divisible by expert_tensor_parallel_size ({expert_tp}) x "
+            f"expert_model_parallel_size ({expert_model_parallel_size}) x pipeline_model_parallel_size "
+            f"({pipeline_model_parallel_size}) = {expert_grid}. Launch a multiple of {expert_grid} "
+            "processes, or choose a smaller expert_model_parallel_size."
         )
     if ps.model_parallel_is_initialized():
         current = {
@@ -77,10 +82,11 @@ def initialize_model_parallel(
             "virtual_pipeline_model_parallel_size": ps.get_virtual_pipeline_model_parallel_world_size(),
             "context_parallel_size": ps.get_context_parallel_world_size(),
             "expert_model_parallel_size": ps.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": ps.get_expert_tensor_parallel_world_size(),
         }
         wanted = dict(zip(current, (tensor_model_parallel_size, pipeline_model_parallel_size,
                                     virtual_pipeline_model_parallel_size, context_parallel_size,
-                                    expert_model_parallel_size)))
+                                    expert_model_parallel_size, expert_tp)))
         different = [f"{k}={wanted[k]} (initialised: {current[k]})" for k in current if current[k] != wanted[k]]
         if different:
             raise ValueError(
@@ -103,8 +109,9 @@ def initialize_model_parallel(
 
     mcore_random.model_parallel_cuda_manual_seed(seed)
     logger.debug(
-        "initialised Megatron parallel state: TP=%d PP=%d DP=%d",
+        "initialised Megatron parallel state: TP=%d PP=%d DP=%d EP=%d ETP=%d",
         tensor_model_parallel_size, pipeline_model_parallel_size, data_parallel,
+        expert_model_parallel_size, expert_tp,
     )
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from megatron.core import parallel_state as ps
@@ -84,6 +85,8 @@ class GPTModelProvider(TransformerConfig):
         if cpu_runtime.is_cpu_runtime():
             self.use_cpu_initialization = True
             self.gradient_accumulation_fusion = False
+        if self.num_moe_experts:
+            _define_missing_te_gemm()
         TransformerConfig.__post_init__(self)
 
     def provide(self, vp_stage: int | None = None) -> GPTModel:
@@ -149,8 +152,10 @@ class GPTModelProvider(TransformerConfig):
         checks = [
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads (num_query_groups)", groups),
-            ("intermediate_size (ffn_hidden_size)", self.ffn_hidden_size or 4 * self.hidden_size),
         ]
+        if not self.num_moe_experts:  # MoE layers split their experts by the expert TP size instead
+            ffn = self.ffn_hidden_size or 4 * self.hidden_size
+            checks.append(("intermediate_size (ffn_hidden_size)", ffn))
         for label, value in checks:
             if value % tp:
                 raise ValueError(
@@ -158,6 +163,7 @@ class GPTModelProvider(TransformerConfig):
                     f"Choose a tensor_model_parallel_size that divides it "
                     f"(for example {_largest_divisor(value, tp)})."
                 )
+        self._check_expert_sizes()
         vp, pp = self.virtual_pipeline_model_parallel_size, self.pipeline_model_parallel_size
         if vp is not None and (pp == 1 or self.num_layers % (pp * vp)):
             raise ValueError(
@@ -169,6 +175,32 @@ class GPTModelProvider(TransformerConfig):
             raise ValueError(
                 f"pipeline_model_parallel_size={self.pipeline_model_parallel_size} is larger than "
                 f"the number of layers ({self.num_layers}); use at most {self.num_layers} stages."
+            )
+
+    def _check_expert_sizes(self) -> None:
+        ep, experts = self.expert_model_parallel_size, self.num_moe_experts
+        if not experts:
+            if ep > 1:
+                raise ValueError(
+                    f"expert_model_parallel_size={ep} needs a mixture-of-experts model, but this model has "
+                    "no experts (num_moe_experts is not set). Use expert_model_parallel_size=1."
+                )
+            return
+        if experts % ep:
+            raise ValueError(
+                f"expert_model_parallel_size={ep} does not divide the number of experts "
+                f"(num_moe_experts={experts}): each expert-parallel rank must hold the same number of "
+                f"experts. Choose an expert_model_parallel_size that divides it "
+                f"(for example {_largest_divisor(experts, ep)})."
+            )
+        etp = self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+        expert_ffn = self.moe_ffn_hidden_size or self.ffn_hidden_size
+        if expert_ffn % etp:
+            raise ValueError(
+                f"expert_tensor_parallel_size={etp} does not divide the experts' FFN size "
+                f"(moe_ffn_hidden_size={expert_ffn}). Set expert_tensor_parallel_size to a divisor of it "
+                f"(for example {_largest_divisor(expert_ffn, etp)}); it defaults to "
+                "tensor_model_parallel_size."
             )
 
     def _wrap_with_ddp(self, chunks: list[torch.nn.Module], ddp_config: Any) -> list[torch.nn.Module]:
@@ -186,6 +218,19 @@ class GPTModelProvider(TransformerConfig):
     def transformer_config_fields(self) -> dict[str, Any]:
         """The ``TransformerConfig`` fields and their current values."""
         return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+
+
+def _define_missing_te_gemm() -> None:
+    """Let megatron-core's MoE router run without Transformer Engine (CPU and GPU alike).
+
+    megatron-core 0.16's ``moe_utils`` imports ``te_general_gemm`` only when Transformer Engine is
+    installed, yet its router tests ``te_general_gemm is not None``: without TE that is a
+    NameError. Defining it as None selects the router's plain ``torch.mm`` path.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _largest_divisor(value: int, limit: int) -> int:

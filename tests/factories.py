@@ -32,6 +32,22 @@ FAMILIES = {
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, {}),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(
         head_dim=24, tie_word_embeddings=True)),
+    # larger weights (initializer_range) so soft-capping and the sliding window (4 < 16 tokens) matter
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, dict(
+        head_dim=24, query_pre_attn_scalar=32, sliding_window=4, initializer_range=0.2,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, dict(
+        head_dim=24, query_pre_attn_scalar=32, sliding_window=4, initializer_range=0.2,
+        num_hidden_layers=4, sliding_window_pattern=3,  # sliding, sliding, full, sliding
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+    "phi2": (transformers.PhiConfig, transformers.PhiForCausalLM, dict(  # 16 * 0.4 = 6.4: 6 rotary dims
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.4})),
+    # MoE: 4 experts, top-2, expert FFN 32 (Qwen3-MoE renormalises the top-k weights iff norm_topk_prob)
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+    "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24)),
 }
 
 

@@ -23,7 +23,9 @@ from lightning_bridge.conversion.parallel import global_named_parameters
 from lightning_bridge.hf_io import HFCheckpointReader
 
 SUPPORTED = ["GPT2LMHeadModel", "GemmaForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Olmo2ForCausalLM",
-             "Phi3ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+             "Phi3ForCausalLM", "PhiForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+SUPPORTED = sorted([*SUPPORTED, "MixtralForCausalLM", "Qwen3MoeForCausalLM"])  # the MoE families
+SUPPORTED = sorted([*SUPPORTED, "Gemma2ForCausalLM", "Gemma3ForCausalLM"])
 
 
 @pytest.fixture(autouse=True)
@@ -144,9 +146,9 @@ def test_can_handle(source, tmp_path):
 
 def test_supported_models_and_bridges():
     assert AutoBridge.list_supported_models() == SUPPORTED
-    assert AutoBridge.get_supported_bridges() == [
-        "GPT2Bridge", "GemmaBridge", "LlamaBridge", "MistralBridge", "Olmo2Bridge", "Phi3Bridge", "Qwen2Bridge",
-        "Qwen3Bridge"]
+    assert AutoBridge.get_supported_bridges() == sorted([
+        "GPT2Bridge", "GemmaBridge", "LlamaBridge", "MistralBridge", "Olmo2Bridge", "Phi2Bridge", "Phi3Bridge",
+        "Qwen2Bridge", "Qwen3Bridge", "MixtralBridge", "Qwen3MoeBridge", "Gemma2Bridge", "Gemma3Bridge"])
 
 
 # --- the Megatron side --------------------------------------------------------------------------------------
@@ -517,3 +519,15 @@ def test_pickled_weights_need_allow_pickle(source, tmp_path):
     original = HFCheckpointReader(source)
     assert sorted(exported) == sorted(original.names())
     assert all(torch.equal(t, original.get(n)) for n, t in exported.items())
+
+
+def test_subfolder_reads_config_and_weights_from_it(tmp_path):
+    folder = make_checkpoint("llama", tmp_path / "repo" / "model")
+    bridge = AutoBridge.from_hf_pretrained(tmp_path / "repo", subfolder="model")
+    assert bridge.checkpoint_reader().folder == folder
+    assert "model.embed_tokens.weight" in bridge.checkpoint_reader().names()
+
+
+def test_proxies_is_refused_with_the_fix(source):
+    with pytest.raises(ValueError, match="HTTPS_PROXY"):
+        AutoBridge.from_hf_pretrained(source, proxies={"https": "http://proxy:3128"})

@@ -53,9 +53,10 @@ def test_world_size_not_divisible_names_the_sizes(plain_process, sizes, product)
         initialize_model_parallel(**sizes)
 
 
-def test_expert_parallel_must_divide_data_parallel(plain_process):
-    with pytest.raises(ValueError, match=r"expert_model_parallel_size=2 must divide the data-parallel "
-                                         r"size 1"):
+def test_expert_grid_must_divide_the_world(plain_process):
+    with pytest.raises(ValueError, match=r"The world size 1 is not divisible by expert_tensor_parallel_size \(1\) x "
+                                         r"expert_model_parallel_size \(2\) x pipeline_model_parallel_size \(1\) = 2\. "
+                                         r"Launch a multiple of 2 processes"):
         initialize_model_parallel(expert_model_parallel_size=2)
 
 

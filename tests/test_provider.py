@@ -191,3 +191,24 @@ def test_virtual_pipeline_without_pipeline_parallelism_is_refused(checkpoint):
     with pytest.raises(ValueError, match=r"virtual_pipeline_model_parallel_size=2.*"
                                          r"pipeline_model_parallel_size"):
         provider()  # today: two chunks, each a whole model with every layer, embedding and output layer
+
+
+# --- expert parallelism -------------------------------------------------------------------------------
+@pytest.mark.parametrize("fields,message", [
+    ({"num_moe_experts": 4, "expert_model_parallel_size": 3},
+     r"expert_model_parallel_size=3 does not divide the number of experts \(num_moe_experts=4\): .* \(for example 2\)"),
+    ({"num_moe_experts": 4, "moe_ffn_hidden_size": 30, "expert_tensor_parallel_size": 4},
+     r"expert_tensor_parallel_size=4 does not divide the experts' FFN size \(moe_ffn_hidden_size=30\)\. .*"),
+    ({"num_moe_experts": 4, "moe_ffn_hidden_size": 30, "tensor_model_parallel_size": 4},  # expert TP = TP
+     r"expert_tensor_parallel_size=4 does not divide the experts' FFN size"),
+    ({"expert_model_parallel_size": 2},
+     r"expert_model_parallel_size=2 needs a mixture-of-experts model, but this model has no experts"),
+], ids=["ep-vs-experts", "etp-vs-ffn", "etp-defaults-to-tp", "ep-without-experts"])
+def test_bad_expert_parallel_sizes_are_refused_before_any_work(fields, message):
+    with pytest.raises(ValueError, match=message):
+        small(ffn_hidden_size=128, **fields)()
+
+
+def test_expert_ffn_need_not_divide_by_tp_when_expert_tp_is_1():
+    small(num_moe_experts=4, ffn_hidden_size=30, moe_ffn_hidden_size=30, tensor_model_parallel_size=2,
+          expert_tensor_parallel_size=1)._check_parallel_sizes()

@@ -6,16 +6,23 @@ the tensor-parallel shards, converts to HF names and delivers the result by mode
 
 - ``consolidate``: to global rank 0; other ranks drain the generator and get nothing;
 - ``replicate``: to every rank;
-- ``distribute``: to exactly one rank of the owning stage, round-robin, so ranks share the work.
+- ``distribute``: to exactly one rank holding the parameter (its pipeline stage, and for a MoE
+  expert its expert-parallel rank), round-robin, so ranks share the work.
+
+MoE experts are held by one expert-parallel rank each (see
+:mod:`~lightning_bridge.conversion.parallel`); their shards are gathered over the expert
+tensor-parallel group and sent on from there.
 
 Only a few tensors exist at a time, whatever the model size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,7 +31,7 @@ from tqdm.auto import tqdm
 from lightning_bridge.conversion import parallel
 from lightning_bridge.conversion.context import ConversionContext
 from lightning_bridge.conversion.mappings import WeightMapping
-from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters
+from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters, is_expert_parameter
 from lightning_bridge.conversion.registry import MappingRegistry
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,23 @@ class ExportTask:
     dtype: torch.dtype
     owner_pp_rank: int
     destination: int  # global rank receiving it in "distribute" mode (else unused)
+    owner_ep_rank: int | None = None  # the expert-parallel rank holding it; None: not an expert
+
+    @property
+    def is_expert(self) -> bool:
+        return self.owner_ep_rank is not None
+
+    def held_by(self, layout: RankLayout) -> bool:
+        """Whether a rank holds (a tensor-parallel shard of) this parameter."""
+        same_expert_rank = not self.is_expert or layout.ep_rank == self.owner_ep_rank
+        return layout.pp_rank == self.owner_pp_rank and same_expert_rank
+
+    def replica(self, layout: RankLayout) -> int:
+        """Which copy of the parameter a holder has: its (expert) data-parallel rank."""
+        return layout.edp_rank if self.is_expert else layout.dp_rank
+
+    def tp_rank(self, layout: RankLayout) -> int:
+        return layout.etp_rank if self.is_expert else layout.tp_rank
 
 
 def plan_export(
@@ -52,52 +76,55 @@ def plan_export(
     *,
     hf_order: Sequence[str] | None = None,
     keep_tied: Sequence[str] = (),
-) -> tuple[list[ExportTask], dict[tuple[int, int, int], int]]:
-    """The global, identically ordered export plan, and the (tp, pp, dp) -> rank map.
+) -> tuple[list[ExportTask], list[RankLayout]]:
+    """The global, identically ordered export plan, and every rank's :class:`RankLayout`.
 
     One ``all_gather_object`` of parameter names and shapes: cheap, and it makes every rank see
-    the whole model whatever the pipeline layout.
+    the whole model whatever the pipeline and expert layout.
     """
     layout = RankLayout.current()
     local = []
-    if layout.dp_rank == 0 and layout.tp_rank == 0:
-        for chunk in chunks:
-            for name, param in global_named_parameters(chunk):
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            expert = is_expert_parameter(name)
+            first_copy = (layout.edp_rank, layout.etp_rank) if expert else (layout.dp_rank, layout.tp_rank)
+            if first_copy == (0, 0):
                 local.append((name, tuple(param.shape), str(param.dtype).removeprefix("torch.")))
     gathered: list = [None] * layout.world_size
-    dist.all_gather_object(gathered, (layout.coordinates, local))
-    rank_of = {coords: rank for rank, (coords, _) in enumerate(gathered)}
+    dist.all_gather_object(gathered, (layout, local))
+    layouts = [entry[0] for entry in gathered]
 
-    owners: dict[str, tuple[int, tuple[int, ...], str]] = {}
-    for (tp_rank, pp_rank, dp_rank), entries in gathered:
+    owners: dict[str, tuple[int, int | None, tuple[int, ...], str]] = {}
+    for owner, entries in gathered:
         for name, shape, dtype in entries:
-            owners.setdefault(name, (pp_rank, shape, dtype))
+            ep_rank = owner.ep_rank if is_expert_parameter(name) else None
+            owners.setdefault(name, (owner.pp_rank, ep_rank, shape, dtype))
 
     for name in keep_tied:  # tied and not a parameter of its own (PP=1): export from its twin
         if name not in owners and registry.tied.get(name) in owners:
             owners[name] = owners[registry.tied[name]]
     tasks = []
-    for name, (pp_rank, shard_shape, dtype) in owners.items():
+    for name, (pp_rank, ep_rank, shard_shape, dtype) in owners.items():
         if name in registry.tied and name not in keep_tied:
             continue  # exported once, through the parameter it is tied to
         found = registry.megatron_to_hf_lookup(name)
         if found is None:
             raise ValueError(f"No weight mapping for Megatron parameter {name!r}; cannot export it.")
         mapping, wildcards = found
-        full_shape = mapping.full_shape(shard_shape, layout.tp_size)
+        full_shape = mapping.full_shape(shard_shape, layout.tp_for(name)[1])
         tasks.append((name, mapping, tuple(mapping.hf_names(wildcards)), full_shape,
-                      getattr(torch, dtype), pp_rank))
+                      getattr(torch, dtype), pp_rank, ep_rank))
 
     tasks.sort(key=_order_key(hf_order))
     plan = []
     per_stage_count: dict[int, int] = {}
-    for name, mapping, hf_names, full_shape, dtype, pp_rank in tasks:
-        stage_ranks = sorted(r for (t, p, d), r in rank_of.items() if p == pp_rank)
+    for name, mapping, hf_names, full_shape, dtype, pp_rank, ep_rank in tasks:
+        task = ExportTask(name, mapping, hf_names, full_shape, dtype, pp_rank, -1, ep_rank)
+        holders = [rank for rank, where in enumerate(layouts) if task.held_by(where)]
         k = per_stage_count.get(pp_rank, 0)
         per_stage_count[pp_rank] = k + 1
-        plan.append(ExportTask(name, mapping, hf_names, full_shape, dtype, pp_rank,
-                               destination=stage_ranks[k % len(stage_ranks)]))
-    return plan, rank_of
+        plan.append(dataclasses.replace(task, destination=holders[k % len(holders)]))
+    return plan, layouts
 
 
 def export_hf_weights(
@@ -119,14 +146,14 @@ def export_hf_weights(
     if mode not in EXPORT_MODES:
         raise ValueError(f"mode={mode!r} is not one of {EXPORT_MODES}")
     layout = RankLayout.current()
-    plan, rank_of = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
+    plan, layouts = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
     local = {name: param for chunk in chunks for name, param in global_named_parameters(chunk)}
     device = parallel.comm_device()
     dtypes = {} if dtypes is None else dtypes
     position = {name: i for i, name in enumerate(hf_order or ())}
     for task in tqdm(plan, desc="Exporting HF weights", unit="tensor",
                      disable=not show_progress or layout.rank != 0):
-        full = _deliver(task, local, layout, rank_of, mode, device, registry.tied)
+        full = _deliver(task, local, layout, layouts, mode, device, registry.tied)
         if full is None:
             continue
         converted = zip(task.hf_names, task.mapping.to_hf(full, ctx))
@@ -139,42 +166,53 @@ def export_hf_weights(
 
 
 def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayout,
-             rank_of: dict[tuple[int, int, int], int], mode: ExportMode,
+             layouts: Sequence[RankLayout], mode: ExportMode,
              device: torch.device, tied: dict[str, str]) -> torch.Tensor | None:
-    """The full Megatron tensor of ``task`` on the ranks that receive it under ``mode``."""
-    on_owner_stage = layout.pp_rank == task.owner_pp_rank
+    """The full Megatron tensor of ``task`` on the ranks that receive it under ``mode``.
+
+    The holders of a parameter are the ranks of its pipeline stage (and, for an expert, of its
+    expert-parallel rank); each replica of it is split over a tensor-parallel group (the expert
+    tensor-parallel group for experts), which is gathered first.
+    """
+    holder = task.held_by(layout)
+    group = parallel.tp_group_for(task.megatron_name)
     if mode == "distribute":
-        if not on_owner_stage or rank_of_replica(task.destination, rank_of) != layout.dp_rank:
+        if not holder or task.replica(layout) != task.replica(layouts[task.destination]):
             return None
-        dst_tp0 = task.destination
-        shards = parallel.gather_tp_to(_shard(local, task, device, tied), dst_tp0)
+        shards = parallel.gather_tp_to(_shard(local, task, device, tied), task.destination, group)
         return task.mapping.gather(shards) if shards is not None else None
 
+    # the first replica's tensor-parallel rank 0 assembles the full tensor
+    root = next(rank for rank, where in enumerate(layouts)
+                if task.held_by(where) and task.replica(where) == 0 and task.tp_rank(where) == 0)
     if mode == "consolidate":
-        if layout.dp_rank != 0:
-            return None
-        full = None
-        if on_owner_stage:
-            owner = rank_of[(0, task.owner_pp_rank, 0)]
-            shards = parallel.gather_tp_to(_shard(local, task, device, tied), owner)
-            if shards is not None:
-                full = task.mapping.gather(shards)
-                if layout.rank != 0:
-                    dist.send(full.contiguous(), dst=0)
-                    return None
-            return full if layout.rank == 0 else None
+        if holder and task.replica(layout) == 0:
+            shards = parallel.gather_tp_to(_shard(local, task, device, tied), root, group)
+            if shards is None:
+                return None
+            full = task.mapping.gather(shards)
+            if layout.rank != 0:
+                dist.send(full.contiguous(), dst=0)
+                return None
+            return full
         if layout.rank == 0:
             full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
-            dist.recv(full, src=rank_of[(0, task.owner_pp_rank, 0)])
-        return full
+            dist.recv(full, src=root)
+            return full
+        return None
 
-    # replicate: gather within the owning stage, then broadcast along each pipeline group.
-    if on_owner_stage:
-        full = task.mapping.gather(parallel.all_gather_tp(_shard(local, task, device, tied))).contiguous()
+    # replicate: every holder gathers its tensor-parallel group, then the rest receive a copy.
+    if holder:
+        shards = parallel.all_gather_tp(_shard(local, task, device, tied), group)
+        full = task.mapping.gather(shards).contiguous()
     else:
         full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
-    if layout.pp_size > 1:
-        src = rank_of[(layout.tp_rank, task.owner_pp_rank, layout.dp_rank)]
+    if task.is_expert:
+        if layout.ep_size > 1 or layout.pp_size > 1:  # experts live on a subset of ranks
+            dist.broadcast(full, src=root)
+    elif layout.pp_size > 1:  # along each pipeline group, from the owning stage
+        src = next(rank for rank, where in enumerate(layouts) if where.pp_rank == task.owner_pp_rank
+                   and where.tp_rank == layout.tp_rank and where.dp_rank == layout.dp_rank)
         dist.broadcast(full, src=src, group=parallel.pp_group())
     return full
 
@@ -187,14 +225,6 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor)
     return host
-
-
-def rank_of_replica(rank: int, rank_of: dict[tuple[int, int, int], int]) -> int:
-    """The data-parallel rank of a global rank."""
-    for (tp, pp, dp), r in rank_of.items():
-        if r == rank:
-            return dp
-    raise KeyError(rank)
 
 
 def _shard(local: dict[str, torch.Tensor], task: ExportTask, device: torch.device,

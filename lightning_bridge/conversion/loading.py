@@ -2,13 +2,16 @@
 
 Each rank reads only the HF tensors its own parameters need, builds the full Megatron tensor
 (fusing q/k/v or gate/up, padding the vocabulary), keeps its tensor-parallel slice and copies it
-in. Nothing is gathered, so loading scales with the number of ranks.
+in. With expert parallelism a rank's parameters name only its own experts (global expert
+numbers, see :mod:`~lightning_bridge.conversion.parallel`), so it reads only those. Nothing is
+gathered, so loading scales with the number of ranks.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -80,7 +83,8 @@ def load_hf_weights(
             )
         mapping, wildcards = found
         hf_names = mapping.hf_names(wildcards)
-        expected_full = mapping.full_shape(param.shape, layout.tp_size)
+        tp_rank, tp_size = layout.tp_for(name)  # experts: the expert tensor-parallel group
+        expected_full = mapping.full_shape(param.shape, tp_size)
         expected = [tuple(t.shape) for t in mapping.to_hf(torch.empty(expected_full, device="meta"), ctx)]
         hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
         found_shapes = [tuple(t.shape) for t in hf_tensors]
@@ -92,7 +96,7 @@ def load_hf_weights(
                 "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size and vocab_size."
             )
         full = mapping.to_megatron(hf_tensors, ctx)
-        shard = mapping.shard(full, layout.tp_rank, layout.tp_size)
+        shard = mapping.shard(full, tp_rank, tp_size)
         with torch.no_grad():
             param.copy_(shard)
         logger.debug("loaded %s <- %s (%s)", name, ", ".join(hf_names), mapping.kind)

@@ -1,21 +1,28 @@
 """The parallel mechanics of conversion in one place: names, TP shards, PP/EP ownership.
 
 Megatron numbers the layers of a pipeline stage (or virtual chunk) from 0; a layer's global
-number is its ``layer_number - 1``. Every conversion works on global names so that ranks agree on
-what a tensor is whatever the layout.
+number is its ``layer_number - 1``. Likewise each expert-parallel rank numbers its MoE experts
+from 0 (``mlp.experts.local_experts.i``): local expert i on EP rank r is global expert
+``r * num_local_experts + i``. Every conversion works on global names so that ranks agree on what
+a tensor is whatever the layout.
+
+Expert weights are split by the *expert* tensor-parallel group (``expert_tensor_parallel_size``,
+Megatron's default: the tensor-parallel size) and replicated over the expert data-parallel group;
+every other weight by the tensor-parallel group and the data-parallel group.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -32,9 +39,19 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
     for name, param in model.named_parameters():
         found = _LAYER.match(name)
         if found:
-            global_index = layers[int(found.group(1))].layer_number - 1
-            name = f"decoder.layers.{global_index}." + name[found.end():]
+            layer = layers[int(found.group(1))]
+            name = f"decoder.layers.{layer.layer_number - 1}." + name[found.end():]
+            expert = _LOCAL_EXPERT.search(name)
+            if expert:  # the MoE layer knows which global experts it holds
+                global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
+                name = (f"{name[:expert.start()]}.mlp.experts.local_experts.{global_expert}."
+                        f"{name[expert.end():]}")
         yield name, param
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a (global) Megatron parameter belongs to a MoE expert, sharded by the expert groups."""
+    return ".mlp.experts." in name
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,11 @@ class RankLayout:
     pp_size: int
     dp_rank: int
     dp_size: int
+    ep_rank: int = 0
+    ep_size: int = 1
+    etp_rank: int = 0  # expert tensor-parallel
+    etp_size: int = 1
+    edp_rank: int = 0  # expert data-parallel
 
     @classmethod
     def current(cls) -> RankLayout:
@@ -61,33 +83,55 @@ class RankLayout:
             pp_size=ps.get_pipeline_model_parallel_world_size(),
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
+            ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_size=ps.get_expert_model_parallel_world_size(),
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp_size=ps.get_expert_tensor_parallel_world_size(),
+            edp_rank=ps.get_expert_data_parallel_rank(),
         )
 
     @property
     def coordinates(self) -> tuple[int, int, int]:
         return (self.tp_rank, self.pp_rank, self.dp_rank)
 
+    @property
+    def expert_coordinates(self) -> tuple[int, int, int, int]:
+        """(expert TP rank, PP rank, EP rank, expert DP rank): where this rank sits for expert weights."""
+        return (self.etp_rank, self.pp_rank, self.ep_rank, self.edp_rank)
+
+    def tp_for(self, name: str) -> tuple[int, int]:
+        """(rank, size) of the tensor-parallel group that splits parameter ``name``."""
+        if is_expert_parameter(name):
+            return self.etp_rank, self.etp_size
+        return self.tp_rank, self.tp_size
+
 
 def tp_group() -> dist.ProcessGroup:
     return ps.get_tensor_model_parallel_group()
+
+
+def tp_group_for(name: str) -> dist.ProcessGroup:
+    """The group that splits parameter ``name``: expert tensor-parallel for experts, else tensor-parallel."""
+    return ps.get_expert_tensor_parallel_group() if is_expert_parameter(name) else tp_group()
 
 
 def pp_group() -> dist.ProcessGroup:
     return ps.get_pipeline_model_parallel_group()
 
 
-def all_gather_tp(shard: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_tp(shard: torch.Tensor, group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
     """Every tensor-parallel rank's shard, on every rank of the group."""
-    group = tp_group()
+    group = group or tp_group()
     shard = shard.contiguous()
     shards = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
     dist.all_gather(shards, shard, group=group)
     return shards
 
 
-def gather_tp_to(shard: torch.Tensor, dst_global: int) -> list[torch.Tensor] | None:
+def gather_tp_to(shard: torch.Tensor, dst_global: int,
+                 group: dist.ProcessGroup | None = None) -> list[torch.Tensor] | None:
     """Every tensor-parallel rank's shard on ``dst_global`` only (None elsewhere)."""
-    group = tp_group()
+    group = group or tp_group()
     shard = shard.contiguous()
     if dist.get_world_size(group) == 1:
         return [shard]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Container, Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 
 from lightning_bridge.conversion.mappings import WeightMapping
 

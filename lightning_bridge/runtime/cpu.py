@@ -147,6 +147,26 @@ def _patch_torch_cuda() -> None:
     torch.cuda.nvtx.range_pop = lambda *a, **k: None
 
 
+def _patch_autograd_engine() -> None:
+    """Run backward passes with the redirection on.
+
+    ``Tensor.backward`` goes through the mode's handler, and a mode is off while its own handler
+    runs, so the autograd engine would run every backward function unredirected (Megatron's
+    all-gathers in MoE and sequence-parallel backwards allocate on ``torch.cuda.current_device()``).
+    The engine entry point is not a torch function, so the mode can be pushed around it.
+    """
+    from torch import autograd
+    from torch.autograd import graph
+
+    original = graph._engine_run_backward
+
+    def engine_run_backward(*args: Any, **kwargs: Any) -> Any:
+        with _CudaToCpuMode():
+            return original(*args, **kwargs)
+
+    graph._engine_run_backward = autograd._engine_run_backward = engine_run_backward
+
+
 def activate() -> bool:
     """Redirect Megatron-Core's CUDA calls to the CPU in this process; a no-op with CUDA.
 
@@ -158,6 +178,7 @@ def activate() -> bool:
     with _LOCK:
         if not _ACTIVE:
             _patch_torch_cuda()
+            _patch_autograd_engine()
             _install_rng_tracker()
             _ACTIVE = True
             logger.debug("lightning_bridge CPU runtime active: Megatron-Core CUDA calls run on the CPU")

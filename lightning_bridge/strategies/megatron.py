@@ -42,7 +42,7 @@ from megatron.core import parallel_state as ps
 from typing_extensions import override
 
 from lightning_bridge.bridge import AutoBridge
-from lightning_bridge.conversion.parallel import unwrap
+from lightning_bridge.dist_checkpoint import restore_model_chunks, sharded_model_state_dict, write_hf_metadata
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.runtime import cpu as cpu_runtime
@@ -70,6 +70,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
         pipeline_model_parallel_size: int = 1,
         virtual_pipeline_model_parallel_size: int | None = None,
         expert_model_parallel_size: int = 1,
+        expert_tensor_parallel_size: int | None = None,
         context_parallel_size: int = 1,
         sequence_parallel: bool = False,
         micro_batch_size: int | None = None,
@@ -92,6 +93,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
             pipeline_model_parallel_size=pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,  # None: the TP size
             context_parallel_size=context_parallel_size,
         )
         self.sequence_parallel = sequence_parallel
@@ -298,11 +300,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """This rank's model shards as Megatron ``ShardedTensor``s (saved by dist_checkpointing)."""
-        state: dict[str, Any] = {}
-        for index, chunk in enumerate(self.model_chunks):
-            key = "model" if len(self.model_chunks) == 1 else f"model{index}"
-            state[key] = chunk.sharded_state_dict()
-        return state
+        return sharded_model_state_dict(self.model_chunks)
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
@@ -329,6 +327,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
         if self.global_rank == 0:
             checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
             torch.save(checkpoint, staging / _COMMON_STATE_FILE)
+            self._write_hf_metadata(staging)
             if path.exists():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
             os.replace(staging, path)
@@ -353,9 +352,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
                 model_state, is_loading=True, metadata=_OPTIMIZER_METADATA
             )
         loaded = dist_checkpointing.load(template, str(path))
-        for index, chunk in enumerate(self.model_chunks):
-            key = "model" if len(self.model_chunks) == 1 else f"model{index}"
-            unwrap(chunk).load_state_dict(_strip_wrapper_prefix(loaded["state_dict"][key]))
+        restore_model_chunks(self.model_chunks, loaded["state_dict"])
         if "optimizer_0" in loaded:
             with torch.no_grad():
                 self.megatron_optimizer.load_state_dict(loaded["optimizer_0"])
@@ -485,6 +482,14 @@ class MegatronBridgeStrategy(ParallelStrategy):
             return source
         return AutoBridge.from_hf_pretrained(source)
 
+    def _write_hf_metadata(self, folder: Path) -> None:
+        """The HF config and tokenizer beside the shards, so `lightning-bridge convert` needs no flags."""
+        try:
+            write_hf_metadata(self.bridge, folder, self.provider)
+        except (OSError, ValueError, TypeError) as exc:  # the checkpoint still resumes training
+            logger.warning("Could not write the HF config files into %s (%s); converting this checkpoint "
+                           "to HF will need --hf-config.", folder, exc)
+
     def _connect_optimizer(self, optimizer: Any) -> None:
         """Hand Megatron's schedule the hooks of its DDP and optimizer (as Megatron-LM does)."""
         from megatron.core.distributed import finalize_model_grads
@@ -515,16 +520,6 @@ class MegatronBridgeStrategy(ParallelStrategy):
             dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return (totals[0] / totals[1].clamp_min(1)).float(), totals[1].float()
-
-
-def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:
-    """Keys of a DDP / Float16Module state dict, as the bare GPTModel names them."""
-    stripped = {}
-    for key, value in state.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
-        stripped[key] = value
-    return stripped
 
 
 def _materialize_optimizer_state(optimizer: Any) -> None:

@@ -7,7 +7,7 @@ import torch
 import transformers
 from factories import FAMILIES, make_checkpoint
 
-from lightning_bridge import AutoBridge
+from lightning_bridge import AutoBridge, CausalLMBridge
 from lightning_bridge.hf_io import HFCheckpointReader
 from lightning_bridge.verify import megatron_logits, relative_difference, transformers_logits
 
@@ -40,6 +40,12 @@ def test_round_trip_is_bitwise_and_loads_in_transformers(family, tmp_path):
     expected = transformers.AutoModelForCausalLM.from_pretrained(source)
     for (name, a), (_, b) in zip(reloaded.state_dict().items(), expected.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_every_supported_architecture_has_a_tested_tiny_model():
+    """list_supported_models() is exactly what FAMILIES covers: an untested registration fails here."""
+    tested = sorted({model_cls.__name__ for _, model_cls, _ in FAMILIES.values()})
+    assert CausalLMBridge.list_supported_models() == tested
 
 
 def test_bf16_checkpoint_round_trips_in_bf16(tmp_path):

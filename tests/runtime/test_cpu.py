@@ -40,6 +40,31 @@ def test_current_device_works_as_a_device_argument():
     assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
 
 
+class _AllocatesInBackward(torch.autograd.Function):
+    """Like Megatron's all-gather backwards: allocates on ``torch.cuda.current_device()``."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(grad.shape, 2.0, device=torch.cuda.current_device()) * grad
+
+
+@pytest.mark.parametrize("run", [
+    lambda loss, x: loss.backward(),
+    lambda loss, x: torch.autograd.backward(loss),
+    lambda loss, x: x.grad.add_(torch.autograd.grad(loss, x)[0]) if x.grad is not None else None,
+], ids=["Tensor.backward", "autograd.backward", "autograd.grad"])
+def test_backward_functions_are_redirected_too(run):
+    """A mode is off while its own handler runs; the backward pass must still be redirected."""
+    x = torch.ones(3, requires_grad=True)
+    x.grad = torch.zeros(3)
+    run(_AllocatesInBackward.apply(x).sum(), x)
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
 def test_tensor_cuda_is_a_no_op():
     tensor = torch.ones(3)
     assert tensor.cuda() is tensor
