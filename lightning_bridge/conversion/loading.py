@@ -5,12 +5,21 @@ Each rank reads only the HF tensors its own parameters need, builds the full Meg
 in. With expert parallelism a rank's parameters name only its own experts (global expert
 numbers, see :mod:`~lightning_bridge.conversion.parallel`), so it reads only those. Nothing is
 gathered, so loading scales with the number of ranks.
+
+Shapes are checked against the checkpoint's header before any data is read. Reading is
+pipelined: worker threads copy the next tensors from the (memory-mapped) checkpoint to the
+parameters' device while the main thread fuses, slices and copies the current one, with at most
+``READ_AHEAD_BYTES`` in flight.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -22,6 +31,9 @@ from lightning_bridge.conversion.registry import MappingRegistry
 
 logger = logging.getLogger(__name__)
 
+READ_AHEAD_BYTES = 2 * 2**30  # tensors read ahead of the one being converted
+READ_THREADS = 4
+
 
 class TensorSource(Protocol):
     """What loading needs of a checkpoint: names, shapes and lazily read tensors."""
@@ -29,6 +41,8 @@ class TensorSource(Protocol):
     def names(self) -> list[str]: ...
 
     def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
 
@@ -58,6 +72,19 @@ def check_checkpoint_names(source: TensorSource, registry: MappingRegistry, expe
         )
 
 
+@dataclass
+class _Load:
+    """One parameter to fill: where its HF tensors are and how they convert."""
+
+    name: str
+    param: torch.Tensor
+    mapping: object
+    hf_names: list[str]
+    tp_rank: int
+    tp_size: int
+    nbytes: int
+
+
 def load_hf_weights(
     chunks: Sequence[torch.nn.Module],
     source: TensorSource,
@@ -67,39 +94,82 @@ def load_hf_weights(
     show_progress: bool = False,
 ) -> None:
     """Copy this rank's slice of every HF tensor into the parameters of ``chunks``."""
+    loads = _plan_loads(chunks, source, registry, ctx)
+    progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
+    with progress, torch.no_grad():
+        for load, hf_tensors in _read_ahead(source, loads):
+            full = load.mapping.to_megatron(hf_tensors, ctx)
+            load.param.copy_(load.mapping.shard(full, load.tp_rank, load.tp_size))
+            logger.debug("loaded %s <- %s (%s)", load.name, ", ".join(load.hf_names), load.mapping.kind)
+            progress.update()
+
+
+def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registry: MappingRegistry,
+                ctx: ConversionContext) -> list[_Load]:
+    """Every parameter's HF tensors, with their shapes checked against the checkpoint's header."""
     layout = RankLayout.current()
-    params = [(name, param) for chunk in chunks for name, param in global_named_parameters(chunk)]
     stored_tied = registry.tied_stored_in(source)
-    for name, param in tqdm(params, desc="Loading HF weights", unit="tensor", disable=not show_progress):
-        if name in registry.tied and name not in stored_tied:
-            name_in_checkpoint = registry.tied[name]  # tied: the checkpoint has one copy
-        else:
-            name_in_checkpoint = name
-        found = registry.megatron_to_hf_lookup(name_in_checkpoint)
-        if found is None:
-            raise ValueError(
-                f"No weight mapping for Megatron parameter {name!r}: the model family's mapping "
-                f"table is incomplete for this configuration. Please report it with your config.json."
-            )
-        mapping, wildcards = found
-        hf_names = mapping.hf_names(wildcards)
-        tp_rank, tp_size = layout.tp_for(name)  # experts: the expert tensor-parallel group
-        expected_full = mapping.full_shape(param.shape, tp_size)
-        expected = [tuple(t.shape) for t in mapping.to_hf(torch.empty(expected_full, device="meta"), ctx)]
-        hf_tensors = [source.get(hf_name, device=param.device) for hf_name in hf_names]
-        found_shapes = [tuple(t.shape) for t in hf_tensors]
-        if found_shapes != expected:
-            wrong = [f"{n}: checkpoint {f}, config expects {e}"
-                     for n, f, e in zip(hf_names, found_shapes, expected) if f != e]
-            raise ValueError(
-                f"Shape mismatch for {'; '.join(wrong)}. config.json and the weights disagree: check "
-                "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size and vocab_size."
-            )
-        full = mapping.to_megatron(hf_tensors, ctx)
-        shard = mapping.shard(full, tp_rank, tp_size)
-        with torch.no_grad():
-            param.copy_(shard)
-        logger.debug("loaded %s <- %s (%s)", name, ", ".join(hf_names), mapping.kind)
+    loads = []
+    for chunk in chunks:
+        for name, param in global_named_parameters(chunk):
+            if name in registry.tied and name not in stored_tied:
+                name_in_checkpoint = registry.tied[name]  # tied: the checkpoint has one copy
+            else:
+                name_in_checkpoint = name
+            found = registry.megatron_to_hf_lookup(name_in_checkpoint)
+            if found is None:
+                raise ValueError(
+                    f"No weight mapping for Megatron parameter {name!r}: the model family's mapping "
+                    f"table is incomplete for this configuration. Please report it with your config.json."
+                )
+            mapping, wildcards = found
+            hf_names = mapping.hf_names(wildcards)
+            tp_rank, tp_size = layout.tp_for(name)  # experts: the expert tensor-parallel group
+            expected_full = mapping.full_shape(param.shape, tp_size)
+            expected = [tuple(t.shape) for t in mapping.to_hf(torch.empty(expected_full, device="meta"), ctx)]
+            found_shapes = [tuple(source.shape(hf_name)) for hf_name in hf_names]
+            if found_shapes != expected:
+                wrong = [f"{n}: checkpoint {f}, config expects {e}"
+                         for n, f, e in zip(hf_names, found_shapes, expected) if f != e]
+                raise ValueError(
+                    f"Shape mismatch for {'; '.join(wrong)}. config.json and the weights disagree: check "
+                    "hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size and "
+                    "vocab_size."
+                )
+            nbytes = sum(math.prod(shape) for shape in found_shapes) * param.element_size()
+            loads.append(_Load(name, param, mapping, hf_names, tp_rank, tp_size, nbytes))
+    return loads
+
+
+def _read_ahead(source: TensorSource, loads: Iterable[_Load]) -> Iterator[tuple[_Load, list[torch.Tensor]]]:
+    """Each load with its HF tensors on the parameter's device, in order, read on worker threads.
+
+    The copy to the device is where the data is actually read (the checkpoint is memory-mapped),
+    and torch releases the GIL for it, so several copies and the main thread's work overlap.
+    """
+    def read(load: _Load) -> list[torch.Tensor]:
+        return [source.get(hf_name, device=load.param.device) for hf_name in load.hf_names]
+
+    pending: deque[tuple[_Load, Future]] = deque()
+    in_flight = 0
+    upcoming = iter(loads)
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="lightning-bridge-read") as pool:
+        try:
+            while True:
+                while not pending or in_flight < READ_AHEAD_BYTES:
+                    load = next(upcoming, None)
+                    if load is None:
+                        break
+                    pending.append((load, pool.submit(read, load)))
+                    in_flight += load.nbytes
+                if not pending:
+                    return
+                load, future = pending.popleft()
+                in_flight -= load.nbytes
+                yield load, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _ignored(name: str, patterns: Sequence[str]) -> bool:

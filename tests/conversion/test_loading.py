@@ -116,6 +116,9 @@ def test_loads_every_parameter_and_only_reads_what_it_needs(llama):
         def __contains__(self, name):
             return name in reader
 
+        def shape(self, name):
+            return reader.shape(name)
+
         def get(self, name, device="cpu"):
             read.append(name)
             return reader.get(name, device)
@@ -123,6 +126,17 @@ def test_loads_every_parameter_and_only_reads_what_it_needs(llama):
     ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
     load_hf_weights(chunks, Recording(), bridge.mapping_registry(), ctx)
     assert sorted(read) == sorted(reader.names()) and len(read) == len(set(read))
+    assert torch.equal(dict(global_named_parameters(chunks[0]))["embedding.word_embeddings.weight"][:96],
+                       reader.get("model.embed_tokens.weight"))
+
+    class WrongShape(Recording):  # the header disagrees with the config: nothing is read at all
+        def shape(self, name):
+            return (7, 7) if name == "model.layers.1.mlp.down_proj.weight" else reader.shape(name)
+
+    read.clear()
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj.weight: checkpoint \(7, 7\)"):
+        load_hf_weights(chunks, WrongShape(), bridge.mapping_registry(), ctx)
+    assert read == []
     params = dict(global_named_parameters(chunks[0]))
     assert torch.equal(params["decoder.final_layernorm.weight"], reader.get("model.norm.weight"))
 
