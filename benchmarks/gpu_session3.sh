@@ -11,9 +11,9 @@ for part in "$@"; do
   case $part in
     stall) run torchrun --nproc_per_node=1 hf_checkpoint_stall.py --shapes llama3-8b --saves 3 --staging staged --raw-repeats 3
            rm -rf /tmp/lb-bench/hf-checkpoint-stall ;;
-    convert1b) run torchrun --nproc_per_node=1 conversion.py --shapes llama3.2-1b --tp 1 --profile
+    convert1b) run torchrun --nproc_per_node=1 conversion.py --shapes llama3.2-1b --tp 1 --profile --save-repeats 3
                grep -A45 "Ordered by" "$OUT/last.log" > "$OUT/import_profile_1b.txt" ;;
-    convert8b) run torchrun --nproc_per_node=1 conversion.py --shapes llama3-8b --tp 1
+    convert8b) run torchrun --nproc_per_node=1 conversion.py --shapes llama3-8b --tp 1 --save-repeats 2
                [ "$GPUS" -ge 2 ] && run torchrun --nproc_per_node=2 conversion.py --shapes llama3-8b --tp 2 ;;
     train) TP=$([ "$GPUS" -ge 2 ] && echo 2 || echo 1)
            for mode in strategy mcore strategy mcore; do
