@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def main() -> None:
     figures["save_hf_pretrained_s"] = ours
     if rank == 0:
         figures["raw_safetensors_write_s"] = raws
-        figures["save_ratio_median"] = round(sorted(ours)[len(ours) // 2] / sorted(raws)[len(raws) // 2], 3)
+        figures["save_ratio_median"] = round(statistics.median(ours) / statistics.median(raws), 3)
     del model
     if args.check_logits:
         figures["logits_rel_diff_fp32"] = _logits_check(source, args)
