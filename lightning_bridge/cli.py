@@ -58,15 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _convert(args)
         if args.command == "inspect":
             return _inspect(args.model, as_json=args.json)
+        if args.command == "roundtrip":
+            return _roundtrip(args.model, args.output)
     except _USER_ERRORS as exc:
         print(f"lightning-bridge {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    if args.command == "roundtrip":
-        from lightning_bridge.builtin import tiny_llama
-        from lightning_bridge.verify import print_round_trip, round_trip
-
-        report = round_trip(args.model or str(tiny_llama()), args.output)
-        return 0 if report is None or print_round_trip(report) else 1
     from lightning_bridge.testing.hub_emulator import main as hub_main
 
     return hub_main(args.hub_args)
@@ -202,6 +198,14 @@ def _looks_local(source: str) -> bool:
     return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
 
 
+def _roundtrip(model: str | None, output: str) -> int:
+    from lightning_bridge.builtin import tiny_llama
+    from lightning_bridge.verify import print_round_trip, round_trip
+
+    report = round_trip(model or str(tiny_llama()), output)
+    return 0 if report is None or print_round_trip(report) else 1
+
+
 # --- fit ----------------------------------------------------------------------------------------
 def _fit(argv: list[str]) -> int:
     """``lightning-bridge fit``: LightningCLI with the strategy's arguments under ``--strategy.*``."""
@@ -285,8 +289,11 @@ def _inspect(model: str | None, as_json: bool = False) -> int:
     print(f"{model}: {', '.join(report['architectures'])} -> {report['bridge']}")
     if report["megatron_checkpoint"]:
         saved = report["megatron_checkpoint"]
-        print(f"Megatron distributed checkpoint: {saved.get('params_dtype', '?')} parameters, written with "
-              f"{saved.get('written_with', '?')}")
+        layout = saved.get("written_with") or {}
+        written = (f"TP={layout.get('tensor_model_parallel_size')} PP={layout.get('pipeline_model_parallel_size')} "
+                   f"EP={layout.get('expert_model_parallel_size')} on {layout.get('world_size')} process(es)"
+                   if layout else "an unknown layout")
+        print(f"Megatron distributed checkpoint: {saved.get('params_dtype', '?')} parameters, written at {written}")
     print("\nTransformerConfig (fields the bridge sets, TP=PP=1):")
     for key, value in report["transformer_config"].items():
         print(f"  {key} = {value}")
@@ -320,7 +327,7 @@ def inspect_checkpoint(model: str) -> dict[str, Any]:
     else:
         bridge = AutoBridge.from_hf_pretrained(model)
     provider = bridge.transformer_config
-    reader = bridge.checkpoint_reader() if Path(model).is_dir() and _has_weights(bridge) else None
+    reader = _local_reader(bridge) if Path(model).is_dir() else None
     registry = bridge.mapping_registry()
     ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
     rows = []
@@ -352,12 +359,12 @@ def inspect_checkpoint(model: str) -> dict[str, Any]:
     }
 
 
-def _has_weights(bridge: Any) -> bool:
+def _local_reader(bridge: Any) -> Any:
+    """The checkpoint's safetensors reader, or None when it has no weights (a config-only folder)."""
     try:
-        bridge.checkpoint_reader()
+        return bridge.checkpoint_reader()
     except (OSError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _megatron_shape(mapping: Any, hf_shapes: list[tuple[int, ...]], ctx: Any) -> list[int] | None:

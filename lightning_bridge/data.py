@@ -7,16 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 class TokenBlocks(Dataset):
     """Texts tokenized, joined with EOS, and cut into ``block_size`` blocks (the tail dropped)."""
 
-    def __init__(self, texts: Iterable[str], tokenizer, block_size: int = 128):
+    def __init__(self, texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, block_size: int = 128):
         ids: list[int] = []
         for text in texts:
             ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -79,6 +83,14 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"val_blocks={self.val_blocks} leaves no training data: the text makes only "
                              f"{len(blocks)} blocks of {self.block_size} tokens. Lower val_blocks.")
         split = len(blocks) - self.val_blocks
+        # The loaders drop a ragged last batch: a set smaller than one batch would give no batches, silently.
+        if split < self.batch_size:
+            raise ValueError(f"The training set has {split} blocks of {self.block_size} tokens, fewer than one "
+                             f"batch (batch_size={self.batch_size}). Lower batch_size, block_size or val_blocks, "
+                             "or use more text.")
+        if 0 < self.val_blocks < self.batch_size:
+            raise ValueError(f"val_blocks={self.val_blocks} is fewer than one batch (batch_size={self.batch_size}), "
+                             "so validation would get no batches. Set val_blocks to 0 or to at least batch_size.")
         self.train_set = Subset(blocks, range(split))
         self.val_set = Subset(blocks, range(split, len(blocks))) if self.val_blocks else None
 

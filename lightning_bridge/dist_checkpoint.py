@@ -42,7 +42,6 @@ METADATA_FILE = "lightning_bridge.json"
 HF_CONFIG_DIR = "hf_config"
 FORMAT = "lightning-bridge/megatron-dist-checkpoint"
 _MEGATRON_METADATA = "metadata.json"  # written by megatron.core.dist_checkpointing
-_HF_EXTRA_FILES = ("config.json", "generation_config.json")
 
 
 # --- the model state ----------------------------------------------------------------------------
@@ -112,8 +111,8 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], bridge: AutoBrid
     return final
 
 
-def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike, provider: GPTModelProvider | None = None,
-                      **extra: Any) -> None:
+def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike,
+                      provider: GPTModelProvider | None = None) -> None:
     """Write ``hf_config/`` and ``lightning_bridge.json`` into ``folder`` (one rank calls it).
 
     ``MegatronBridgeStrategy`` calls it for its checkpoints too, so they convert back without flags.
@@ -121,18 +120,17 @@ def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike, provider: G
     folder = Path(folder)
     hf_dir = folder / HF_CONFIG_DIR
     hf_dir.mkdir(parents=True, exist_ok=True)
-    (hf_dir / "config.json").write_text(bridge.hf_config.to_json_string(use_diff=False))
-    generation = bridge._generation_config()
-    if generation is not None:
-        (hf_dir / "generation_config.json").write_text(generation.to_json_string())
-    for file in bridge._tokenizer_files():
+    texts, copy_files = bridge.hf_metadata_files()  # config.json, generation_config.json; tokenizer files
+    for name, text in texts.items():
+        (hf_dir / name).write_text(text)
+    for file in copy_files:
         shutil.copy2(file, hf_dir / file.name)
     hf_tensors: dict[str, str] = {}
-    if bridge._has_weights():
+    if isinstance(bridge, _CheckpointBridge):
+        hf_tensors = dict(bridge.hf_tensors)
+    elif bridge.source_weight_map() is not None:
         reader = bridge.checkpoint_reader()
         hf_tensors = {name: str(reader.dtype(name)).removeprefix("torch.") for name in sorted(reader.names())}
-    elif isinstance(bridge, _CheckpointBridge):
-        hf_tensors = dict(bridge.hf_tensors)
     metadata: dict[str, Any] = {
         "format": FORMAT,
         "version": 1,
@@ -149,7 +147,6 @@ def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike, provider: G
             "expert_model_parallel_size": provider.expert_model_parallel_size,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         }
-    metadata.update(extra)
     (folder / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
 
 
@@ -215,16 +212,11 @@ def load_megatron_model(path: str | os.PathLike, *, tensor_model_parallel_size: 
 
     Collective. ``torch_dtype`` defaults to the dtype the checkpoint was written in.
     """
-    bridge = checkpoint_bridge(path, hf_config)
-    dtype = torch_dtype or read_metadata(path).get("params_dtype")
-    provider = bridge.to_megatron_provider(load_weights=False)
+    bridge = checkpoint_bridge(path, hf_config, torch_dtype=torch_dtype or read_metadata(path).get("params_dtype"))
+    provider = bridge.to_megatron_provider(load_weights=False)  # params_dtype, bf16, fp16 from torch_dtype
     provider.tensor_model_parallel_size = tensor_model_parallel_size
     provider.pipeline_model_parallel_size = pipeline_model_parallel_size
     provider.expert_model_parallel_size = expert_model_parallel_size
-    if dtype is not None:
-        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype).removeprefix("torch."))
-        provider.params_dtype = provider.pipeline_dtype = dtype
-        provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
     provider.weight_loader = lambda chunks, _: load_model_weights(chunks, path)
     return bridge, provider(wrap_with_ddp=False)
 

@@ -40,6 +40,9 @@ def test_roundtrip_reports_bitwise_identity(tmp_path, capsys):
     assert main(["roundtrip", str(tiny_llama(tmp_path / "tiny")), "--output", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "bitwise identical" in out and "(OK)" in out
+    BertConfig().save_pretrained(tmp_path / "bert")
+    assert main(["roundtrip", str(tmp_path / "bert"), "--output", str(tmp_path / "out2")]) == 1
+    assert capsys.readouterr().err.startswith("lightning-bridge roundtrip: error: Model architecture ")
 
 
 def test_hub_serve_answers_until_stopped(tmp_path):
@@ -122,14 +125,15 @@ def test_convert_refuses_bad_inputs_with_clear_errors(tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     BertConfig().save_pretrained(tmp_path / "bert")
+    out = str(tmp_path / "out")  # never created: every case fails before writing
     cases = [
-        (["hf-to-megatron", str(tmp_path / "missing"), "out"], f"The HF checkpoint {tmp_path / 'missing'} does not exist"),
-        (["megatron-to-hf", str(tmp_path / "missing"), "out"], f"The checkpoint {tmp_path / 'missing'} does not exist"),
-        (["megatron-to-hf", str(source), "out"], f"{source} is not a Megatron-Core distributed checkpoint"),
-        (["hf-to-megatron", str(tmp_path / "bert"), "out"], "Model architecture"),
+        (["hf-to-megatron", str(tmp_path / "missing"), out], f"The HF checkpoint {tmp_path / 'missing'} does not exist"),
+        (["megatron-to-hf", str(tmp_path / "missing"), out], f"The checkpoint {tmp_path / 'missing'} does not exist"),
+        (["megatron-to-hf", str(source), out], f"{source} is not a Megatron-Core distributed checkpoint"),
+        (["hf-to-megatron", str(tmp_path / "bert"), out], "Model architecture"),
         (["hf-to-megatron", str(source), str(tmp_path / "full")],
          f"The output folder {tmp_path / 'full'} already exists and is not empty. Pass --overwrite"),
-        (["hf-to-megatron", str(source), "out", "--tp", "2"],
+        (["hf-to-megatron", str(source), out, "--tp", "2"],
          "The world size 1 is not divisible by tensor_model_parallel_size (2) x pipeline_model_parallel_size (1)"),
     ]
     capsys.readouterr()
@@ -153,6 +157,12 @@ def test_convert_overwrite_replaces_the_output_in_one_process(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["bridge"] == "Qwen2Bridge" and report["megatron_checkpoint"]["params_dtype"] == "float32"
     assert report["megatron_checkpoint"]["written_with"]["tensor_model_parallel_size"] == 1
+    assert main(["inspect", str(out)]) == 0
+    assert ("Megatron distributed checkpoint: float32 parameters, written at TP=1 PP=1 EP=1 on 1 process(es)"
+            in capsys.readouterr().out)
+    assert main(["convert", "hf-to-megatron", str(out), str(tmp_path / "again"), "--no-progress"]) == 1
+    assert (f"{out} is a Megatron distributed checkpoint, not an HF one: use `lightning-bridge convert "
+            "megatron-to-hf` to convert it.") in capsys.readouterr().err
     back = tmp_path / "back"
     back.mkdir()  # an empty folder is fine without --overwrite
     assert main(["convert", "megatron-to-hf", str(out), str(back), "--dtype", "bfloat16", "--no-progress"]) == 0

@@ -49,3 +49,15 @@ def test_text_data_module_defaults_to_the_builtin_corpus_and_names_bad_settings(
         TextDataModule(tokenizer=tokenizer_folder, val_blocks=100000).setup("fit")
     with pytest.raises(ValueError, match="block_size >= 2"):
         TextDataModule(block_size=1)
+
+
+def test_sets_smaller_than_one_batch_are_refused_rather_than_giving_no_batches(tmp_path, tokenizer_folder):
+    (tmp_path / "short.txt").write_text("the red cat lives near the river bank. " * 8)
+    short = TextDataModule(tokenizer=tokenizer_folder, text_file=str(tmp_path / "short.txt"), block_size=16,
+                           batch_size=64)
+    with pytest.raises(ValueError, match=r"The training set has \d+ blocks of 16 tokens, fewer than one batch "
+                                         r"\(batch_size=64\)\. Lower batch_size"):
+        short.setup("fit")
+    with pytest.raises(ValueError, match=r"val_blocks=2 is fewer than one batch \(batch_size=8\), so validation "
+                                         r"would get no batches"):
+        TextDataModule(tokenizer=tokenizer_folder, val_blocks=2, batch_size=8).setup("fit")

@@ -99,3 +99,20 @@ def test_model_key_prefix_reads_ours_and_the_strategys():
     assert dist_checkpoint._model_key_prefix(strategy) == "module."
     with pytest.raises(ValueError, match="Cannot find the model's tensors"):
         dist_checkpoint._model_key_prefix({"something.else": 0})
+
+
+def test_torch_dtype_sets_the_built_models_dtype_and_the_export_keeps_the_sources(saved):
+    """A bfloat16 checkpoint loaded in float32: float32 parameters (bf16 off); the HF export is still
+    the source's bfloat16 tensors, bitwise."""
+    source, path = saved
+    bridge, chunks = load_megatron_model(path, torch_dtype=torch.float32)
+    try:
+        config = chunks[0].config
+        assert (config.params_dtype, config.bf16, config.fp16) == (torch.float32, False, False)
+        assert {p.dtype for p in chunks[0].parameters()} == {torch.float32}
+        exported = dict(bridge.export_hf_weights(chunks))
+    finally:
+        ps.destroy_model_parallel()
+    reader = HFCheckpointReader(source)
+    assert all(tensor.dtype == torch.bfloat16 and torch.equal(tensor, reader.get(name))
+               for name, tensor in exported.items())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_bridge import AutoBridge
+from lightning_bridge import AutoBridge, families
 from lightning_bridge.builtin import tiny_llama
 
 
@@ -29,8 +29,9 @@ def main() -> None:
         print(f"{source}: not supported (AutoBridge.from_hf_pretrained says why)")
         raise SystemExit(1)
     bridge = AutoBridge.from_hf_pretrained(source)
-    mappings = bridge._model_bridge.mapping_registry().get_all_mappings()
-    print(f"{source}: {bridge.hf_config.architectures[0]} -> {type(bridge._model_bridge).__name__}, "
+    mappings = bridge.mapping_registry().get_all_mappings()
+    architecture = bridge.hf_config.architectures[0]
+    print(f"{source}: {architecture} -> {families.family_for(architecture).__name__}, "
           f"{len(mappings)} weight mappings (Megatron parameter <- HF tensors, kind):")
     for mapping in mappings:
         print(f"  {mapping}")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
-from lightning_bridge import AutoBridge
+from lightning_bridge import AutoBridge, families
 from lightning_bridge.builtin import tiny_llama
 from lightning_bridge.verify import megatron_logits, relative_difference, transformers_logits
 
@@ -34,7 +34,8 @@ def main() -> None:
     # 1. The bridge: config.json now, weights later. float32 so the comparison is tight.
     bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=torch.float32)
     config = bridge.transformer_config
-    print(f"{source}: {bridge.hf_config.architectures[0]} -> {type(bridge._model_bridge).__name__}, "
+    architecture = bridge.hf_config.architectures[0]
+    print(f"{source}: {architecture} -> {families.family_for(architecture).__name__}, "
           f"{config.num_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads "
           f"({config.num_query_groups} KV groups), vocab {bridge.hf_config.vocab_size}")
 

@@ -84,7 +84,10 @@ def test_training_loss_sees_soft_capped_logits_and_backpropagates(checkpoint, in
     ({"use_bidirectional_attention": True},
      r"Gemma2Config with use_bidirectional_attention=True is not supported"),
     ({"attention_bias": True}, r"Gemma2Config with attention_bias=True is not supported"),
-], ids=["bidirectional", "attention-bias"])
+    ({"layer_types": ["sliding_attention", "chunked_attention"]},
+     (r"Gemma2Config with layer_types \['chunked_attention'\] is not supported; supported layer types: "
+      r"\['sliding_attention', 'full_attention'\]\.")),
+], ids=["bidirectional", "attention-bias", "layer-types"])
 def test_unsupported_settings_are_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=message):
         AutoBridge.from_hf_config(make_hf_config("gemma2", **overrides)).to_megatron_provider()

@@ -1,5 +1,5 @@
-"""GPT-2, Phi-3, OLMo 2, Gemma, Gemma 2 and Gemma 3 at TP=2, PP=2 and TP x PP on 4 gloo ranks:
-logits and bitwise export.
+"""GPT-2, Phi-3, OLMo 2, Gemma, Gemma 2, Gemma 3 and Phi-2 at TP=2, PP=2 and TP x PP on 4 gloo ranks:
+logits and bitwise export (Phi-2's output-layer bias included).
 
 One launch runs every layout and family; each layout is checked by the assertions of
 ``tests/conversion/test_exporting.py`` (logits vs transformers, every export mode and order, the
@@ -15,7 +15,7 @@ from conversion.conversion_checks import LAYOUTS, round_trip_all_layouts
 from factories import make_checkpoint
 from multiprocess import launch
 
-FAMILIES = ["gpt2", "phi3", "olmo2", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["gpt2", "phi3", "olmo2", "gemma", "gemma2", "gemma3", "phi2"]
 
 
 @pytest.fixture(scope="module")
