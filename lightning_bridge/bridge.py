@@ -70,6 +70,7 @@ class AutoBridge:
         self._allow_pickle = allow_pickle
         self._hub_kwargs = dict(hub_kwargs or {})
         self._reader: HFCheckpointReader | None = None
+        self._folder: Path | None = None
         self.torch_dtype = _as_dtype(torch_dtype)
 
     # --- construction ------------------------------------------------------------------------
@@ -285,6 +286,12 @@ class AutoBridge:
         return self._source is not None
 
     def _weights_folder(self) -> Path:
+        """The local folder of the source checkpoint (downloaded once when a Hub id)."""
+        if self._folder is None:
+            self._folder = self._find_weights_folder()
+        return self._folder
+
+    def _find_weights_folder(self) -> Path:
         hub_kwargs = dict(self._hub_kwargs)
         subfolder = hub_kwargs.pop("subfolder", None) or ""
         source = Path(self._source)

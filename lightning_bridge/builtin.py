@@ -46,12 +46,15 @@ def tiny_llama(folder: str | os.PathLike | None = None, *, seed: int = 0, vocab_
     tokenizer.save_pretrained(staging)
     GenerationConfig.from_model_config(config).save_pretrained(staging)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # another process won the race
+    try:
+        os.rename(staging, folder)
+    except OSError:  # another process won the race: its folder is complete (it was renamed whole)
         import shutil
 
-        shutil.rmtree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "config.json").is_file():
+            raise
         return folder
-    os.rename(staging, folder)
     logger.info("built the tiny Llama checkpoint in %s", folder)
     return folder
 

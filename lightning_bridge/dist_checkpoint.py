@@ -92,17 +92,17 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], bridge: AutoBrid
             staging.mkdir(parents=True)
         except (OSError, FileExistsError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-    _raise_if_any(error)
+    raise_on_every_rank(error)
     try:
         dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
         error = None
         if _rank() == 0:
             try:
                 write_hf_metadata(bridge, staging, _provider_of(chunks))
-                _publish(staging, final)
+                publish_folder(staging, final)
             except (OSError, ValueError, TypeError, RuntimeError) as exc:  # reported on every rank
                 error = f"{type(exc).__name__}: {exc}"
-        _raise_if_any(error)
+        raise_on_every_rank(error)
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -290,7 +290,7 @@ def _provider_of(chunks: Sequence[torch.nn.Module]) -> GPTModelProvider | None:
     return config if isinstance(config, GPTModelProvider) else None
 
 
-def _publish(staging: Path, final: Path) -> None:
+def publish_folder(staging: Path, final: Path) -> None:
     """Rename ``staging`` into place; ``final`` is always either the old or the new folder."""
     if not final.exists():
         os.rename(staging, final)
@@ -317,7 +317,7 @@ def _broadcast(value: Any) -> Any:
     return objects[0]
 
 
-def _raise_if_any(error: str | None) -> None:
+def raise_on_every_rank(error: str | None) -> None:
     """Raise rank 0's error on every rank (so no rank waits in a collective that never comes)."""
     error = _broadcast(error)
     if error:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 from datetime import timedelta
 from functools import partial
@@ -42,7 +43,13 @@ from megatron.core import parallel_state as ps
 from typing_extensions import override
 
 from lightning_bridge.bridge import AutoBridge
-from lightning_bridge.dist_checkpoint import restore_model_chunks, sharded_model_state_dict, write_hf_metadata
+from lightning_bridge.dist_checkpoint import (
+    publish_folder,
+    raise_on_every_rank,
+    restore_model_chunks,
+    sharded_model_state_dict,
+    write_hf_metadata,
+)
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.runtime import cpu as cpu_runtime
@@ -318,20 +325,26 @@ class MegatronBridgeStrategy(ParallelStrategy):
         sharded = {"state_dict": checkpoint.pop("state_dict")}
         for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
             sharded[f"optimizer_{index}"] = state
-        staging = path.with_name(path.name + ".tmp")
+        staging = Path(self.broadcast(str(path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}"))))
         if self.global_rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         self.barrier()
-        dist_checkpointing.save(sharded, str(staging))
-        if self.global_rank == 0:
-            checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
-            torch.save(checkpoint, staging / _COMMON_STATE_FILE)
-            self._write_hf_metadata(staging)
-            if path.exists():
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-            os.replace(staging, path)
-        self.barrier()
+        try:
+            dist_checkpointing.save(sharded, str(staging))
+            error = None
+            if self.global_rank == 0:
+                try:
+                    checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
+                    torch.save(checkpoint, staging / _COMMON_STATE_FILE)
+                    self._write_hf_metadata(staging)
+                    publish_folder(staging, path)  # `path` is always the old or the new checkpoint
+                except (OSError, RuntimeError, ValueError, TypeError) as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            raise_on_every_rank(error)  # no rank waits for one that failed
+        except BaseException:
+            if self.global_rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     @override
     def load_checkpoint(self, checkpoint_path: str | os.PathLike, weights_only: bool | None = None) -> dict[str, Any]:
