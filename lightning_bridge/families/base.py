@@ -40,6 +40,10 @@ ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
 # rope types whose whole effect is a different set of frequencies (no attention scaling).
 FREQUENCY_ONLY_ROPE = ("default", "linear", "llama3")
 TIED_OUTPUT = {"output_layer.weight": "embedding.word_embeddings.weight"}
+# megatron-core's local spec runs without Transformer Engine or Apex: its fused kernels are off for
+# every family (they need those libraries, and the unfused paths compute exactly what HF does).
+UNFUSED_KERNELS = {"bias_activation_fusion": False, "bias_dropout_fusion": False, "masked_softmax_fusion": False,
+                   "persist_layer_norm": False, "apply_rope_fusion": False}
 
 
 class ModelBridge:
@@ -81,7 +85,7 @@ class ModelBridge:
     def provider(self, **overrides: Any) -> GPTModelProvider:
         """A provider whose fields come from the HF config, then from ``overrides``."""
         self.check_supported()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(UNFUSED_KERNELS)
         for field, attribute in self.config_fields.items():
             value = getattr(self.hf_config, attribute, None)
             if value is not None:

@@ -42,10 +42,6 @@ class GPT2Bridge(ModelBridge):
         "gated_linear_unit": False,
         "add_bias_linear": True,
         "position_embedding_type": "learned_absolute",
-        "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "masked_softmax_fusion": False,
-        "persist_layer_norm": False,
     }
     ignored_hf_patterns = ("*.attn.bias", "*.attn.masked_bias")  # causal-mask buffers of old saves
 

@@ -32,11 +32,6 @@ class LlamaBridge(ModelBridge):
         "add_qkv_bias": False,
         "hidden_dropout": 0.0,
         "position_embedding_type": "rope",
-        "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "masked_softmax_fusion": False,
-        "persist_layer_norm": False,
-        "apply_rope_fusion": False,
     }
 
     def check_supported(self) -> None:

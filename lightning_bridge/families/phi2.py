@@ -135,11 +135,6 @@ class Phi2Bridge(ModelBridge):
         "add_qkv_bias": True,
         "position_embedding_type": "rope",
         "layer_spec": phi2_layer_spec,
-        "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "masked_softmax_fusion": False,
-        "persist_layer_norm": False,
-        "apply_rope_fusion": False,
     }
 
     def check_supported(self) -> None:
