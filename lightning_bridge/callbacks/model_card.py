@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = ["LossPlot", "TrainingSummary", "base_model_for", "card_metadata", "re
            "render_loss_svg", "render_model_card"]
 
 DEFAULT_TAGS = ("lightning-bridge", "megatron-core")
+CARD_NAME = "README.md"
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\]")
 
@@ -265,3 +266,72 @@ def _tick_label(value: float) -> str:
     if value == int(value) and abs(value) < 1e9:
         return str(int(value))
     return f"{value:.4g}"
+
+
+# --- the summary and files of a fit, for PushToHub ------------------------------------------------------
+def training_summary(trainer: Any, pl_module: Any, checkpoint_step: int | None, loss_key: str,
+                     started_at: datetime | None) -> TrainingSummary:
+    """The card's summary of a fit so far: the trainer's metrics, the parallel layout, the model's source."""
+    strategy = trainer.strategy
+    metrics = trainer.callback_metrics
+    source = getattr(strategy, "model_source", None) or getattr(pl_module, "hf_model", None)
+    if source is None:
+        source = getattr(strategy, "bridge", None)
+    base_model, source_name = base_model_for(source)
+    config = getattr(getattr(strategy, "bridge", None), "hf_config", None)
+    architectures = getattr(config, "architectures", None) or []
+    return TrainingSummary(
+        steps=int(trainer.global_step), checkpoint_step=checkpoint_step,
+        tokens_seen=int_or_none(getattr(pl_module, "tokens_seen", None)),
+        train_loss=float_or_none(metrics.get(loss_key)), val_loss=float_or_none(metrics.get("val_loss")),
+        val_ppl=float_or_none(metrics.get("val_ppl")), parallel=parallel_layout(trainer),
+        base_model=base_model, source_name=source_name, model_type=getattr(config, "model_type", None),
+        architecture=architectures[0] if architectures else None, started_at=started_at,
+        finished_at=datetime.now(timezone.utc))
+
+
+def card_files(repo_id: str, summary: TrainingSummary, revision: str, losses: Sequence[tuple[int, float]],
+               redact: Callable[[str], str]) -> dict[str, bytes]:
+    """``README.md`` (passed through ``redact``) and the loss plot, by file name, for ``revision``."""
+    plot: LossPlot | None = render_loss_plot([s for s, _ in losses], [v for _, v in losses])
+    card = render_model_card(repo_id, summary, plot_filename=plot.filename if plot else None,
+                             revision=revision)
+    files = {CARD_NAME: redact(card).encode()}
+    if plot is not None:
+        files[plot.filename] = plot.data
+    return files
+
+
+def parallel_layout(trainer: Any) -> dict[str, int]:
+    """``{"TP": .., "PP": .., "DP": ..}`` (and CP, EP, VPP when above 1) of the trainer's strategy."""
+    strategy = trainer.strategy
+    sizes = dict(getattr(strategy, "parallel_sizes", None) or {})
+    tp = int(sizes.get("tensor_model_parallel_size")
+             or getattr(strategy, "tensor_model_parallel_size", 1) or 1)
+    pp = int(sizes.get("pipeline_model_parallel_size")
+             or getattr(strategy, "pipeline_model_parallel_size", 1) or 1)
+    cp = int(sizes.get("context_parallel_size") or 1)
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    layout = {"TP": tp, "PP": pp, "DP": max(world // (tp * pp * cp), 1)}
+    for key, name in (("CP", "context_parallel_size"), ("EP", "expert_model_parallel_size"),
+                      ("VPP", "virtual_pipeline_model_parallel_size")):
+        if (sizes.get(name) or 1) > 1:
+            layout[key] = int(sizes[name])
+    return layout
+
+
+def float_or_none(value: Any) -> float | None:
+    """``float(value)``; None for anything that is not a number, and for NaN."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return result if not math.isnan(result) else None
+
+
+def int_or_none(value: Any) -> int | None:
+    """``int(value)``; None for None and anything that is not a number."""
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError, RuntimeError):
+        return None

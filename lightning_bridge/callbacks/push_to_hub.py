@@ -1,6 +1,7 @@
 """PushToHub: publish the trained model to the Hugging Face Hub at the end of fit, without ever killing it.
 
-    trainer = Trainer(strategy=MegatronBridgeStrategy("meta-llama/Llama-3.2-1B", tensor_model_parallel_size=2),
+    strategy = MegatronBridgeStrategy("meta-llama/Llama-3.2-1B", tensor_model_parallel_size=2)
+    trainer = Trainer(strategy=strategy,
                       callbacks=[HFCheckpoint("hf-checkpoints", every_n_train_steps=500),
                                  PushToHub("me/llama-3.2-1b-tuned")])
 
@@ -63,80 +64,48 @@ was lost is found and not made twice.
 The token (``token``, ``HF_TOKEN`` or the stored login) is never written anywhere: it is masked
 (``***``) in every message this callback logs, stores or raises, and the card and retry command never
 carry it.
+
+The upload itself (retries, exactly-once commits, redaction, the background thread) is in
+:mod:`~lightning_bridge.callbacks.hub_upload`; the card's training summary in
+:mod:`~lightning_bridge.callbacks.model_card`.
 """
 
 from __future__ import annotations
 
-import email.utils
-import functools
-import importlib
 import io
 import json
 import logging
-import math
 import os
-import re
 import shlex
 import shutil
 import tempfile
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_bridge.callbacks.checkpoint_folder import LATEST, atomic_write, has_latest, step_of
+from lightning_bridge.callbacks.hub_upload import (
+    BackgroundPush,
+    HubUploader,
+    PushResult,
+    describe,
+    open_files,
+)
 from lightning_bridge.callbacks.model_card import (
-    LossPlot,
     TrainingSummary,
-    base_model_for,
-    render_loss_plot,
-    render_model_card,
+    card_files,
+    float_or_none,
+    training_summary,
 )
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PushResult", "PushToHub"]
-
-T = TypeVar("T")
-LATEST = "latest"
-CARD_NAME = "README.md"
-PUSH_ID_KEY = "lightning-bridge-push-id"
-_STEP = re.compile(r"^step-(\d+)$")
-_WEIGHT_FILE = re.compile(r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.bin\.index\.json)$")
-_SHARD = re.compile(r"\.(safetensors|bin)$")
-_RETRY_STATUS = {408, 429}
-_MAX_WAIT_S = 600.0
-_LOCAL_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
-_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\"]+")
-
-
-@dataclass
-class PushResult:
-    """One push: where it went and how it ended (``error`` is None on success)."""
-
-    folder: str
-    revision: str
-    step: int | None = None
-    commit_id: str | None = None
-    commit_url: str | None = None
-    error: str | None = None
-    retries: int = 0
-    started: float = field(default_factory=time.monotonic)
-    finished: float | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.commit_id is not None
-
-
-class _PushError(Exception):
-    """A push failed for good (the message is already redacted)."""
 
 
 class PushToHub(pl.Callback):
@@ -165,10 +134,10 @@ class PushToHub(pl.Callback):
 
     loss_key = "train_loss"
 
-    def __init__(self, repo_id: str, private: bool = True, token: str | None = None, endpoint: str | None = None,
-                 revision: str = "main", push_every_checkpoint: bool = False, commit_message: str | None = None,
-                 raise_on_failure: bool = False, max_retries: int = 5, retry_backoff_s: float = 2.0,
-                 export_dir: str | os.PathLike | None = None) -> None:
+    def __init__(self, repo_id: str, private: bool = True, token: str | None = None,
+                 endpoint: str | None = None, revision: str = "main", push_every_checkpoint: bool = False,
+                 commit_message: str | None = None, raise_on_failure: bool = False, max_retries: int = 5,
+                 retry_backoff_s: float = 2.0, export_dir: str | os.PathLike | None = None) -> None:
         if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ValueError(f"repo_id={repo_id!r}: expected 'namespace/name' (e.g. 'my-org/my-model').")
         if max_retries < 0 or retry_backoff_s < 0:
@@ -190,7 +159,7 @@ class PushToHub(pl.Callback):
         self.losses: list[tuple[int, float]] = []
         self._started_at: datetime | None = None
         self._seen: str | None = None  # the last checkpoint folder polled from `latest`
-        self._thread: threading.Thread | None = None
+        self._background = BackgroundPush()  # at most one push of an intermediate checkpoint at a time
         self._lock = threading.Lock()
         self._exported: Path | None = None  # our own export of the final weights
         self._exported_tmp = False
@@ -206,7 +175,7 @@ class PushToHub(pl.Callback):
             return
         self.losses, self.failure, self._exported, self._export_error = [], None, None, None
         before = self._latest_folder(trainer)
-        self._seen = str(before) if before is not None else None  # a checkpoint from before this fit is not new
+        self._seen = str(before) if before is not None else None  # one from before this fit is not new
         strategy = trainer.strategy
         if not _checkpoint_dirs(trainer, self) and not (hasattr(strategy, "bridge")
                                                          and hasattr(strategy, "model_chunks")):
@@ -225,7 +194,7 @@ class PushToHub(pl.Callback):
         value = trainer.callback_metrics.get(self.loss_key)
         if value is None and outputs is not None:
             value = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        loss = _float_or_none(value)
+        loss = float_or_none(value)
         if loss is not None:
             self.losses.append((int(trainer.global_step), loss))
         if self.push_every_checkpoint:
@@ -247,7 +216,7 @@ class PushToHub(pl.Callback):
                 folder = latest
         if not trainer.is_global_zero:
             return  # no collective follows: only rank 0 talks to the Hub
-        self._wait_for_background()
+        self._background.join()
         if folder is None:
             result = PushResult(str(self._export_dir_hint()), self.revision, error=self._export_error)
             result.finished = time.monotonic()
@@ -258,8 +227,9 @@ class PushToHub(pl.Callback):
                 shutil.rmtree(folder.parent, ignore_errors=True)
         self._report(result, exported=folder is not None)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self._thread is not None and self._thread.is_alive():
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if self._background.running:
             logger.warning("PushToHub: fit failed while a checkpoint push was running; it goes on in the "
                            "background (daemon thread) and is abandoned when the process exits.")
 
@@ -275,7 +245,7 @@ class PushToHub(pl.Callback):
         """
         folder = Path(folder)
         revision = revision or self.revision
-        step = step if step is not None else _step_of(folder)
+        step = step if step is not None else step_of(folder)
         result = PushResult(str(folder), revision, step)
         with self._lock:
             self.results.append(result)
@@ -285,25 +255,27 @@ class PushToHub(pl.Callback):
             if write_card:  # the folder then holds exactly what the Hub will (a plain re-upload redoes it)
                 try:
                     for name, data in extra.items():
-                        _atomic_write(folder / name, data)
+                        atomic_write(folder / name, data)
                 except OSError as exc:
                     logger.warning("PushToHub: could not write the model card into %s (%s); it is uploaded "
                                    "all the same.", folder, exc)
-            files = _open_files(folder, handles)
+            files = open_files(folder, handles)
             files.update({name: io.BytesIO(data) for name, data in extra.items()})
             message = commit_message or self.commit_message or f"Upload {folder.name} (lightning-bridge)"
-            self._push(files, revision, message, result)
+            self._uploader().push(files, revision, message, result)
         except Exception as exc:  # noqa: BLE001 - a failed push must never kill training
-            result.error = self._redact(_describe(exc))
+            result.error = self._redact(describe(exc))
         finally:
             for handle in handles:
                 handle.close()
             result.finished = time.monotonic()
         if result.error is None:
             logger.info("PushToHub: pushed %s to %s@%s (commit %s, %.1f s, %d retries)", folder, self.repo_id,
-                        revision, (result.commit_id or "?")[:10], result.finished - result.started, result.retries)
+                        revision, (result.commit_id or "?")[:10], result.finished - result.started,
+                        result.retries)
         else:
-            logger.error("PushToHub: pushing %s to %s@%s failed: %s", folder, self.repo_id, revision, result.error)
+            logger.error("PushToHub: pushing %s to %s@%s failed: %s", folder, self.repo_id, revision,
+                         result.error)
         return result
 
     def retry_command(self, folder: str | os.PathLike, revision: str | None = None,
@@ -320,122 +292,23 @@ class PushToHub(pl.Callback):
                   f"api.create_repo({_py(self.repo_id)}, private={self.private!r}, exist_ok=True); "
                   f"api.upload_folder(repo_id={_py(self.repo_id)}, folder_path={_py(str(folder))}, "
                   f"revision={_py(revision)}, commit_message={_py(message)})")
-        return (f"{env}{shlex.join(cli)}\n  (with HF_TOKEN set or after `{_cli_name()} auth login`), or in Python:\n"
+        return (f"{env}{shlex.join(cli)}\n  (with HF_TOKEN set or after `{_cli_name()} auth login`), "
+                "or in Python:\n"
                 f"  python -c {shlex.quote(python)}")
-
-    # --- the push -----------------------------------------------------------------------------------
-    def _push(self, files: dict[str, Path | BinaryIO], revision: str, message: str, result: PushResult,
-              start_from: str | None = None) -> None:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-        api = self._api()
-        self._call(result, "create_repo", api.create_repo, self.repo_id, private=self.private, exist_ok=True,
-                   repo_type="model")
-        head = self._branch_head(api, revision, start_from, result)
-        operations: list[Any] = []
-        for name in sorted(files, key=lambda n: (not _SHARD.search(n), n)):  # shards first, one by one
-            operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=files[name])
-            if _SHARD.search(name):
-                self._call(result, f"upload of {name}", api.preupload_lfs_files, self.repo_id, additions=[operation],
-                           revision=revision, free_memory=False)
-            operations.append(operation)
-        existing = self._call(result, "list_repo_files", api.list_repo_files, self.repo_id, revision=head)
-        operations += [CommitOperationDelete(path_in_repo=name) for name in existing
-                       if _WEIGHT_FILE.search(name) and name not in files]
-        push_id = uuid.uuid4().hex
-        description = (f"Pushed by lightning-bridge's PushToHub.\n\n{PUSH_ID_KEY}: {push_id}")
-        self._commit(api, operations, revision, head, message, description, push_id, result)
-
-    def _commit(self, api: Any, operations: list[Any], revision: str, head: str, message: str, description: str,
-                push_id: str, result: PushResult) -> None:
-        """One commit, exactly once, retried after transient failures."""
-        attempt = 0
-        while True:
-            try:
-                info = api.create_commit(self.repo_id, operations, commit_message=message,
-                                         commit_description=description, revision=revision, parent_commit=head)
-                result.commit_id, result.commit_url = info.oid, str(info.commit_url)
-                return
-            except Exception as exc:  # noqa: BLE001 - classified below
-                status, retryable, retry_after = _classify(exc)
-                moved = status == 412  # the branch is not at `head` any more: maybe our own commit
-                if not (retryable or moved) or attempt >= self.max_retries:
-                    raise _PushError(f"create_commit failed: {self._redact(_describe(exc))}") from None
-                # The commit may have been applied with its answer lost: look before committing again.
-                found = self._call(result, "list_repo_commits", self._find_commit, api, revision, head, push_id)
-                if found is not None:
-                    logger.warning("PushToHub: the commit to %s@%s failed (%s) but had been applied as %s; "
-                                   "not committing again.", self.repo_id, revision,
-                                   self._redact(_describe(exc)), found[:10])
-                    result.commit_id = found
-                    return
-                if moved:
-                    head = self._branch_head(api, revision, None, result)
-                wait = self._wait(attempt, retry_after)
-                attempt += 1
-                result.retries += 1
-                logger.warning("PushToHub: create_commit on %s@%s failed (%s); retry %d/%d in %.2f s",
-                               self.repo_id, revision, self._redact(_describe(exc)), attempt, self.max_retries, wait)
-                time.sleep(wait)
-
-    def _find_commit(self, api: Any, revision: str, parent: str, push_id: str) -> str | None:
-        for commit in api.list_repo_commits(self.repo_id, revision=revision):
-            if commit.commit_id == parent:
-                return None
-            if push_id in (commit.message or "") or push_id in (commit.title or ""):
-                return commit.commit_id
-        return None
-
-    def _branch_head(self, api: Any, branch: str, start_from: str | None, result: PushResult) -> str:
-        """The commit ``branch`` points at; the branch is created (from ``start_from``) when missing."""
-        refs = self._call(result, "list_repo_refs", api.list_repo_refs, self.repo_id)
-        heads = {ref.name: ref.target_commit for ref in refs.branches}
-        if branch not in heads:
-            start = start_from if start_from in heads else None
-            self._call(result, f"create_branch {branch}", api.create_branch, self.repo_id, branch=branch,
-                       revision=start, exist_ok=True)
-            refs = self._call(result, "list_repo_refs", api.list_repo_refs, self.repo_id)
-            heads = {ref.name: ref.target_commit for ref in refs.branches}
-        return heads[branch]
-
-    def _call(self, result: PushResult, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(*args, **kwargs)``, retried on connection errors, 5xx, 408 and 429."""
-        attempt = 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                _, retryable, retry_after = _classify(exc)
-                text = self._redact(_describe(exc))
-                if not retryable or attempt >= self.max_retries:
-                    tried = f" after {attempt + 1} attempts" if attempt else ""
-                    raise _PushError(f"{what} failed{tried}: {text}") from None
-                wait = self._wait(attempt, retry_after)
-                attempt += 1
-                result.retries += 1
-                logger.warning("PushToHub: %s failed (%s); retry %d/%d in %.2f s", what, text, attempt,
-                               self.max_retries, wait)
-                time.sleep(wait)
-
-    def _wait(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), _MAX_WAIT_S)
-        return min(self.retry_backoff_s * 2 ** attempt, _MAX_WAIT_S)
-
-    # --- background pushes of each checkpoint -------------------------------------------------------
+    # --- what to push, and when -------------------------------------------------------------------
     def _poll(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         folder = self._latest_folder(trainer)
         if folder is None or str(folder) == self._seen:
             return
         self._seen = str(folder)
-        if self._thread is not None and self._thread.is_alive():
+        if self._background.running:
             self.skipped.append(str(folder))
             logger.info("PushToHub: not pushing %s: the previous push (%s) is still running.", folder,
-                        self._thread.name)
+                        self._background.name)
             return
         handles: list[BinaryIO] = []
         try:
-            files = _open_files(folder, handles)  # pins the files: pruning cannot pull them away now
+            files = open_files(folder, handles)  # pins the files: pruning cannot pull them away now
         except OSError as exc:
             for handle in handles:
                 handle.close()
@@ -443,38 +316,31 @@ class PushToHub(pl.Callback):
             return
         summary = self._summary(trainer, pl_module, folder)
         losses = list(self.losses)
-        self._thread = threading.Thread(target=self._push_branch, args=(folder, files, handles, summary, losses),
-                                        name=f"PushToHub-{folder.name}", daemon=True)
-        self._thread.start()
+        self._background.start(f"PushToHub-{folder.name}", self._push_branch, folder, files, handles, summary,
+                               losses)
 
-    def _push_branch(self, folder: Path, files: dict[str, Any], handles: list[BinaryIO], summary: TrainingSummary,
-                     losses: list[tuple[int, float]]) -> None:
+    def _push_branch(self, folder: Path, files: dict[str, Any], handles: list[BinaryIO],
+                     summary: TrainingSummary, losses: list[tuple[int, float]]) -> None:
         """Background thread: push ``folder`` to branch ``step-<N>``. HTTP and file I/O only."""
         branch = folder.name
-        result = PushResult(str(folder), branch, _step_of(folder))
+        result = PushResult(str(folder), branch, step_of(folder))
         with self._lock:
             self.results.append(result)
         try:
             extra = self._card_files(summary, branch, losses)
             files.update({name: io.BytesIO(data) for name, data in extra.items()})
-            self._push(files, branch, f"Upload {folder.name} (lightning-bridge)", result, start_from=self.revision)
+            self._uploader().push(files, branch, f"Upload {folder.name} (lightning-bridge)", result,
+                                  start_from=self.revision)
             logger.info("PushToHub: pushed %s to %s@%s (%.1f s)", folder, self.repo_id, branch,
                         time.monotonic() - result.started)
         except Exception as exc:  # noqa: BLE001 - never into training
-            result.error = self._redact(_describe(exc))
+            result.error = self._redact(describe(exc))
             logger.error("PushToHub: pushing %s to %s@%s failed: %s (the final push is not affected)",
                          folder, self.repo_id, branch, result.error)
         finally:
             for handle in handles:
                 handle.close()
             result.finished = time.monotonic()
-
-    def _wait_for_background(self) -> None:
-        thread = self._thread
-        if thread is not None and thread.is_alive():
-            logger.info("PushToHub: waiting for the push of %s to finish before the final push.",
-                        thread.name.removeprefix("PushToHub-"))
-            thread.join()
 
     # --- helpers ------------------------------------------------------------------------------------
     def _export(self, trainer: pl.Trainer) -> None:
@@ -494,7 +360,7 @@ class PushToHub(pl.Callback):
         try:
             strategy.bridge.save_hf_pretrained(strategy.model_chunks, path, show_progress=False)
         except Exception as exc:  # noqa: BLE001 - reported at the end of fit, like a failed push
-            self._export_error = self._redact(f"exporting the model to {path} failed: {_describe(exc)}")
+            self._export_error = self._redact(f"exporting the model to {path} failed: {describe(exc)}")
             logger.error("PushToHub: %s", self._export_error)
             return
         self._exported, self._exported_tmp = Path(path), self.export_dir is None
@@ -512,37 +378,6 @@ class PushToHub(pl.Callback):
             if name and Path(name).name == name and (dirpath / name).is_dir():
                 return dirpath / name
         return None
-
-    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None,
-                 folder: Path | None) -> TrainingSummary:
-        strategy = trainer.strategy
-        metrics = trainer.callback_metrics
-        source = getattr(strategy, "model_source", None) or getattr(pl_module, "hf_model", None)
-        if source is None:
-            source = getattr(strategy, "bridge", None)
-        base_model, source_name = base_model_for(source)
-        config = getattr(getattr(strategy, "bridge", None), "hf_config", None)
-        architectures = getattr(config, "architectures", None) or []
-        return TrainingSummary(
-            steps=int(trainer.global_step), checkpoint_step=_step_of(folder) if folder else None,
-            tokens_seen=_int_or_none(getattr(pl_module, "tokens_seen", None)),
-            train_loss=_float_or_none(metrics.get(self.loss_key)), val_loss=_float_or_none(metrics.get("val_loss")),
-            val_ppl=_float_or_none(metrics.get("val_ppl")), parallel=_parallel_layout(trainer),
-            base_model=base_model, source_name=source_name, model_type=getattr(config, "model_type", None),
-            architecture=architectures[0] if architectures else None, started_at=self._started_at,
-            finished_at=datetime.now(timezone.utc))
-
-    def _card_files(self, summary: TrainingSummary, revision: str,
-                    losses: list[tuple[int, float]] | None = None) -> dict[str, bytes]:
-        losses = self.losses if losses is None else losses
-        plot: LossPlot | None = render_loss_plot([s for s, _ in losses], [v for _, v in losses])
-        card = render_model_card(self.repo_id, summary, plot_filename=plot.filename if plot else None,
-                                 revision=revision)
-        files = {CARD_NAME: self._redact(card).encode()}
-        if plot is not None:
-            files[plot.filename] = plot.data
-        return files
-
     def _report(self, result: PushResult, exported: bool = True) -> None:
         failed = [r for r in self.results[:-1] if r.error is not None]
         if failed:
@@ -557,36 +392,34 @@ class PushToHub(pl.Callback):
                             f"checkpoint is intact in {result.folder}. To publish it, run:\n  "
                             f"{self.retry_command(result.folder, result.revision)}")
         else:
-            self.failure = (f"PushToHub could not publish to {where}: {result.error}. Nothing was pushed; save "
-                            "the model with strategy.bridge.save_hf_pretrained(strategy.model_chunks, folder) and "
+            self.failure = (f"PushToHub could not publish to {where}: {result.error}. Nothing was pushed; "
+                            "save the model with strategy.bridge.save_hf_pretrained(strategy.model_chunks, "
+                            "folder) and "
                             f"upload it with `{_cli_name()} upload {self.repo_id} <folder> .`")
         logger.error("%s", self.failure)
         rank_zero_warn(self.failure)
         if self.raise_on_failure:
             raise RuntimeError(self.failure)
 
-    def _api(self) -> Any:
-        from huggingface_hub import HfApi
-
-        return HfApi(endpoint=self._endpoint(), token=self._token)
+    def _uploader(self) -> HubUploader:
+        """The uploader with this callback's current settings (a cheap object: made per use)."""
+        return HubUploader(self.repo_id, self.private, self._token, self.endpoint, self.max_retries,
+                           self.retry_backoff_s)
 
     def _endpoint(self) -> str | None:
-        return self.endpoint or os.environ.get("HF_ENDPOINT") or None
-
-    def _secrets(self) -> list[str]:
-        found = [self._token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")]
-        try:
-            from huggingface_hub import get_token
-
-            found.append(get_token())
-        except Exception as exc:  # noqa: BLE001 - no stored token, or an old huggingface_hub
-            logger.debug("PushToHub: no stored token to mask (%s)", type(exc).__name__)
-        return sorted({s for s in found if isinstance(s, str) and len(s) >= 4}, key=len, reverse=True)
+        return self._uploader().endpoint_url()
 
     def _redact(self, text: str) -> str:
-        for secret in self._secrets():
-            text = text.replace(secret, "***")
-        return _BEARER.sub(r"\1***", text)
+        return self._uploader().redact(text)
+
+    def _summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None,
+                 folder: Path | None) -> TrainingSummary:
+        return training_summary(trainer, pl_module, step_of(folder), self.loss_key, self._started_at)
+
+    def _card_files(self, summary: TrainingSummary, revision: str,
+                    losses: list[tuple[int, float]] | None = None) -> dict[str, bytes]:
+        losses = self.losses if losses is None else losses
+        return card_files(self.repo_id, summary, revision, losses, self._redact)
 
 
 # --- module helpers ---------------------------------------------------------------------------------------
@@ -598,103 +431,14 @@ def _checkpoint_dirs(trainer: pl.Trainer, me: Any) -> list[Path]:
         dirpath = getattr(callback, "dirpath", None)
         if callback is me or dirpath is None:
             continue
-        if _has_latest(dirpath) or callable(getattr(callback, "save_now", None)):
+        if has_latest(dirpath) or callable(getattr(callback, "save_now", None)):
             dirs.append(Path(dirpath))
     return dirs
-
-
-def _has_latest(dirpath: Any) -> bool:
-    try:
-        return (Path(dirpath) / LATEST).is_file()
-    except (TypeError, OSError):
-        return False
 
 
 def _broadcast(trainer: pl.Trainer, obj: Any) -> Any:
     broadcast = getattr(trainer.strategy, "broadcast", None)
     return broadcast(obj, src=0) if broadcast is not None else obj
-
-
-def _open_files(folder: Path, handles: list[BinaryIO]) -> dict[str, BinaryIO]:
-    """Every file of the checkpoint (hidden files skipped), opened; handles go into ``handles``."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"the checkpoint folder {folder} does not exist")
-    files: dict[str, BinaryIO] = {}
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
-            handle = open(path, "rb")  # noqa: SIM115 - closed by the caller
-            handles.append(handle)
-            files[relative.as_posix()] = handle
-    return files
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """httpx2's and httpx's transport errors (huggingface_hub 2.x uses httpx2, 1.x httpx)."""
-    found: list[type[BaseException]] = []
-    for module in ("httpx2", "httpx", "httpcore2", "httpcore"):
-        try:
-            imported = importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - not installed (or broken): not the client in use
-            logger.debug("PushToHub: %s is not importable", module)
-            continue
-        for name in ("TransportError", "RemoteProtocolError", "NetworkError", "TimeoutException"):
-            cls = getattr(imported, name, None)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
-                found.append(cls)
-    return tuple(found)
-
-
-def _classify(exc: BaseException) -> tuple[int | None, bool, float | None]:
-    """``(HTTP status, retryable, Retry-After seconds)`` of a failure (its cause chain included)."""
-    transport = _transport_errors()
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        response = getattr(current, "response", None)
-        status = getattr(response, "status_code", None) if response is not None else None
-        if isinstance(status, int):
-            retryable = status >= 500 or status in _RETRY_STATUS
-            return status, retryable, _retry_after(response) if retryable else None
-        if isinstance(current, transport):
-            return None, True, None
-        if isinstance(current, OSError) and not isinstance(current, _LOCAL_OS_ERRORS):
-            return None, True, None
-        current = current.__cause__ or current.__context__
-    return None, False, None
-
-
-def _retry_after(response: Any) -> float | None:
-    value = (getattr(response, "headers", None) or {}).get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text and not isinstance(exc, _PushError) else text or type(exc).__name__
 
 
 def _py(text: str) -> str:
@@ -703,7 +447,7 @@ def _py(text: str) -> str:
 
 
 def _cli_name() -> str:
-    """The Hub CLI the installed huggingface_hub provides: ``hf`` (1.x, 2.x) or ``huggingface-cli`` (older)."""
+    """The Hub CLI of the installed huggingface_hub: ``hf`` (1.x, 2.x) or ``huggingface-cli`` (older)."""
     try:
         from importlib.metadata import distribution
 
@@ -711,38 +455,3 @@ def _cli_name() -> str:
     except Exception:  # noqa: BLE001 - not installed as a distribution: assume a current one
         return "hf"
     return "hf" if "hf" in names or "huggingface-cli" not in names else "huggingface-cli"
-
-
-def _step_of(folder: Path | None) -> int | None:
-    match = _STEP.match(folder.name) if folder is not None else None
-    return int(match[1]) if match else None
-
-
-def _parallel_layout(trainer: pl.Trainer) -> dict[str, int]:
-    strategy = trainer.strategy
-    sizes = dict(getattr(strategy, "parallel_sizes", None) or {})
-    tp = int(sizes.get("tensor_model_parallel_size") or getattr(strategy, "tensor_model_parallel_size", 1) or 1)
-    pp = int(sizes.get("pipeline_model_parallel_size") or getattr(strategy, "pipeline_model_parallel_size", 1) or 1)
-    cp = int(sizes.get("context_parallel_size") or 1)
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    layout = {"TP": tp, "PP": pp, "DP": max(world // (tp * pp * cp), 1)}
-    for key, name in (("CP", "context_parallel_size"), ("EP", "expert_model_parallel_size"),
-                      ("VPP", "virtual_pipeline_model_parallel_size")):
-        if (sizes.get(name) or 1) > 1:
-            layout[key] = int(sizes[name])
-    return layout
-
-
-def _float_or_none(value: Any) -> float | None:
-    try:
-        result = float(value)
-    except (TypeError, ValueError, RuntimeError):
-        return None
-    return result if not math.isnan(result) else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError, RuntimeError):
-        return None

@@ -29,7 +29,8 @@ from huggingface_hub import HfApi, snapshot_download
 from multiprocess import launch
 
 from lightning_bridge.builtin import build_tokenizer
-from lightning_bridge.callbacks.push_to_hub import PushResult, PushToHub, _classify, _retry_after
+from lightning_bridge.callbacks.hub_upload import _classify, _retry_after
+from lightning_bridge.callbacks.push_to_hub import PushResult, PushToHub
 from lightning_bridge.testing import HubEmulator
 
 TOKEN = "hf_PushToHubTestToken_7f3a9c2e5b"  # distinctive: searched for in every file and log
@@ -388,7 +389,7 @@ def test_push_every_checkpoint_to_branches_without_overlap(emu, local, tmp_path)
     emu.inject_fault("delay", path_regex=r"^/_lfs/", method="PUT", delay=1.0, times=1)  # step-3's push is slow
     (dirpath / "latest").write_text("step-3\n")
     callback.on_train_batch_end(trainer, module, None, None, 0)
-    assert callback._thread is not None and callback._thread.is_alive()  # training goes on meanwhile
+    assert callback._background.running  # training goes on meanwhile
     shutil.copytree(local, dirpath / "step-4")
     (dirpath / "latest").write_text("step-4\n")
     trainer.global_step = 2
