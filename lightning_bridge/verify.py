@@ -94,7 +94,9 @@ def round_trip(source: str, output: str, *, tensor_model_parallel_size: int = 1,
     export_s = time.perf_counter() - started
     if dist.get_rank() != 0:
         return None
-    reference = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    # eager attention: transformers' reference math (its SDPA path skips Gemma 2's score soft-capping)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch.float32, attn_implementation="eager").eval()
     original, result = bridge.checkpoint_reader(), HFCheckpointReader(saved)
     bitwise = sorted(original.names()) == sorted(result.names()) and all(
         torch.equal(original.get(n), result.get(n)) for n in original.names())
