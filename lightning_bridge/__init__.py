@@ -16,5 +16,8 @@ from lightning_bridge.strategies import MegatronBridgeStrategy
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["AutoBridge", "CausalLMBridge", "HFCheckpoint", "CausalLMModule", "GPTModelProvider", "MegatronBridgeStrategy", "PushToHub"]
+__all__ = [
+    "AutoBridge", "CausalLMBridge", "CausalLMModule", "GPTModelProvider", "HFCheckpoint", "MegatronBridgeStrategy",
+    "PushToHub",
+]
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ Used by the tests, the examples and ``lightning-bridge convert --verify``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

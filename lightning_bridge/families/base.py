@@ -14,7 +14,8 @@ Nothing in the engine knows a family by name.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F

@@ -15,8 +15,14 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_bridge.conversion.mappings import (
-    ColumnParallel, FusedQKV, Replicated, TransposedColumnParallel, TransposedFusedQKV,
-    TransposedRowParallel, VocabParallel, WeightMapping,
+    ColumnParallel,
+    FusedQKV,
+    Replicated,
+    TransposedColumnParallel,
+    TransposedFusedQKV,
+    TransposedRowParallel,
+    VocabParallel,
+    WeightMapping,
 )
 from lightning_bridge.families.base import ModelBridge, _activation
 from lightning_bridge.families.registry import register

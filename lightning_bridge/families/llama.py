@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from lightning_bridge.conversion.mappings import (
-    QKV, GatedMLP, Replicated, RowParallel, VocabParallel, WeightMapping,
+    QKV,
+    GatedMLP,
+    Replicated,
+    RowParallel,
+    VocabParallel,
+    WeightMapping,
 )
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.families.registry import register

@@ -20,10 +20,11 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch

@@ -144,10 +144,9 @@ def test_rng_fork_restores_the_default_generator_after_an_error():
     tracker = cpu.CpuRNGStatesTracker()
     tracker.add("x", 7)
     before = torch.get_rng_state()
-    with pytest.raises(KeyError):
-        with tracker.fork("x"):
-            torch.rand(3)
-            raise KeyError("inside")
+    with pytest.raises(KeyError), tracker.fork("x"):
+        torch.rand(3)
+        raise KeyError("inside")
     assert torch.equal(torch.get_rng_state(), before)
 
 
