@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -167,6 +168,21 @@ def _patch_autograd_engine() -> None:
     graph._engine_run_backward = autograd._engine_run_backward = engine_run_backward
 
 
+# Warnings Megatron-Core's own calls raise on the CPU runtime: CUDA tuning advice, torch's renames of
+# collectives megatron-core 0.16 still uses, and ``.grad`` reads that the function mode reports as
+# its own. None is about the user's code or actionable on a CPU.
+_CUDA_ONLY_WARNINGS = (
+    r"When using async grad allreduce it is recommended to set the environment variable CUDA_DEVICE_MAX",
+    r"`torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+    r"The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+)
+
+
+def _silence_cuda_only_warnings() -> None:
+    for message in _CUDA_ONLY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def activate() -> bool:
     """Redirect Megatron-Core's CUDA calls to the CPU in this process; a no-op with CUDA.
 
@@ -180,6 +196,7 @@ def activate() -> bool:
             _patch_torch_cuda()
             _patch_autograd_engine()
             _install_rng_tracker()
+            _silence_cuda_only_warnings()
             _ACTIVE = True
             logger.debug("lightning_bridge CPU runtime active: Megatron-Core CUDA calls run on the CPU")
     if not getattr(_THREAD, "mode", None):
