@@ -153,7 +153,7 @@ def _convert(args: argparse.Namespace) -> int:
         if owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
-        print(f"converted {src} -> {dst} ({args.direction}, TP={args.tp} PP={args.pp}) "
+        print(f"converted {src} -> {dst} ({args.direction}, TP={args.tp} PP={args.pp} EP={args.ep}) "
               f"in {time.perf_counter() - started:.1f} s")
     return 0
 

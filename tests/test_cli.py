@@ -120,6 +120,24 @@ def test_convert_at_tp2_on_two_ranks_then_back_at_tp1_is_bitwise(tmp_path, capsy
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.slow
+def test_convert_moe_at_ep2_then_back_at_pp2_is_bitwise(tmp_path):
+    """Mixtral written with its experts split over 2 expert-parallel ranks, read back at PP=2."""
+    source = make_checkpoint("mixtral", tmp_path / "hf")
+    done = _torchrun(["convert", "hf-to-megatron", str(source), "megatron", "--ep", "2", "--no-progress"],
+                     nproc=2, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "EP=2" in done.stdout
+    written = json.loads((tmp_path / "megatron" / "lightning_bridge.json").read_text())["written_with"]
+    assert written["expert_model_parallel_size"] == 2
+    done = _torchrun(["convert", "megatron-to-hf", "megatron", "back", "--pp", "2", "--no-progress"],
+                     nproc=2, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    original, back = _tensors(source), _tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[name], tensor) for name, tensor in original.items())
+
+
 def test_convert_refuses_bad_inputs_with_clear_errors(tmp_path, capsys):
     source = make_checkpoint("llama", tmp_path / "hf")
     (tmp_path / "full").mkdir()
