@@ -170,7 +170,7 @@ def test_convert_overwrite_replaces_the_output_in_one_process(tmp_path, capsys):
     (out / "stale.txt").write_text("old")
     assert main(["convert", "hf-to-megatron", str(source), str(out), "--overwrite", "--no-progress"]) == 0
     assert not (out / "stale.txt").exists() and is_megatron_checkpoint(out)
-    assert capsys.readouterr().out.startswith(f"converted {source} -> {out} (hf-to-megatron, TP=1 PP=1) in ")
+    assert capsys.readouterr().out.startswith(f"converted {source} -> {out} (hf-to-megatron, TP=1 PP=1 EP=1) in ")
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bridge"] == "Qwen2Bridge" and report["megatron_checkpoint"]["params_dtype"] == "float32"
