@@ -21,7 +21,8 @@ import torch.distributed as dist
 from memory import PeakMemory
 from shapes import random_checkpoint
 
-from lightning_bridge import AutoBridge
+from lightning_bridge import AutoBridge, pinned_read
+from lightning_bridge.conversion import loading
 from lightning_bridge.distributed import initialize_distributed
 from lightning_bridge.hf_io import HFCheckpointReader
 from lightning_bridge.verify import megatron_logits, relative_difference, transformers_logits
@@ -37,7 +38,15 @@ def main() -> None:
     parser.add_argument("--check-logits", action="store_true", help="also compare fp32 logits with transformers")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the import on rank 0")
     parser.add_argument("--save-repeats", type=int, default=1, help="saves, each followed by a raw write")
+    parser.add_argument("--import-only", action="store_true", help="stop after the import")
+    parser.add_argument("--read-threads", type=int, help="override loading.READ_THREADS")
+    parser.add_argument("--chunk-mb", type=int, help="override pinned_read.CHUNK_BYTES (MiB)")
     args = parser.parse_args()
+    if args.read_threads:
+        loading.READ_THREADS = args.read_threads
+    if args.chunk_mb:
+        pinned_read.CHUNK_BYTES = args.chunk_mb * 2**20
+    figures_extra = {"read_threads": loading.READ_THREADS, "chunk_mb": pinned_read.CHUNK_BYTES >> 20}
     dtype = getattr(torch, args.dtype)
     initialize_distributed()
     rank = dist.get_rank()
@@ -46,7 +55,8 @@ def main() -> None:
         random_checkpoint(args.shapes, source, dtype)
     dist.barrier()
     figures: dict = {"shapes": args.shapes, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,
-                     "world_size": dist.get_world_size(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+                     "world_size": dist.get_world_size(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     **figures_extra}
     reader = HFCheckpointReader(source)
     nbytes = sum(torch.Size(reader.shape(n)).numel() * dtype.itemsize for n in reader.names())
     figures["checkpoint_gb"] = round(nbytes / 1e9, 3)
@@ -83,6 +93,11 @@ def main() -> None:
         import pstats
 
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    if args.import_only:
+        if rank == 0:
+            print("FIGURES " + json.dumps(figures), flush=True)
+        dist.barrier()
+        return
 
     _sync()
     with PeakMemory() as peak:

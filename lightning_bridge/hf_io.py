@@ -22,6 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from lightning_bridge.pinned_read import read_to_device
+
 logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -114,6 +116,7 @@ class HFCheckpointReader:
         self._headers: dict[str, dict[str, dict]] = {}  # safetensors file -> name -> header entry
         self._pickled: dict[str, dict[str, torch.Tensor]] | None = None  # .bin file -> state dict
         self._handles: dict[str, object] = {}
+        self._data_start: dict[str, int] = {}  # safetensors file -> offset of its first tensor byte
         single, index = self.folder / SAFE_WEIGHTS_NAME, self.folder / SAFE_WEIGHTS_INDEX_NAME
         if single.is_file():  # transformers prefers the single file too
             if index.is_file():
@@ -209,10 +212,17 @@ class HFCheckpointReader:
         return _DTYPES[code]
 
     def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor onto ``device``, opening (and caching) its file on first use."""
+        """Read one tensor onto ``device``, opening (and caching) its file on first use.
+
+        Onto a CUDA device the bytes go through pinned buffers (:mod:`~lightning_bridge.pinned_read`),
+        several times faster than copying the memory map; elsewhere the tensor is the memory map's.
+        """
         file = self._file(name)
         if self._pickled is not None:
             return self._load_pickled(file)[name].to(device, copy=True)
+        device = torch.device(device)
+        if device.type == "cuda":
+            return self._read_to_cuda(name, file, device)
         try:
             if file not in self._handles:
                 self._handles[file] = safe_open(self.folder / file, framework="pt", device="cpu")
@@ -220,6 +230,23 @@ class HFCheckpointReader:
         except SafetensorError as exc:
             raise _corrupt(self.folder / file, str(exc)) from None
         return tensor.to(device)
+
+    def _read_to_cuda(self, name: str, file: str, device: torch.device) -> torch.Tensor:
+        path = self.folder / file
+        entry, dtype = self._headers[file][name], self.dtype(name)
+        begin, end = (int(offset) for offset in entry["data_offsets"])
+        expected = math.prod(entry["shape"]) * dtype.itemsize
+        if end - begin != expected:
+            raise _corrupt(path, f"tensor {name!r} has {end - begin} bytes for shape {list(entry['shape'])} "
+                                 f"of {entry['dtype']}, which needs {expected}")
+        if file not in self._data_start:
+            with open(path, "rb") as f:
+                self._data_start[file] = 8 + struct.unpack("<Q", f.read(8))[0]
+        try:
+            data = read_to_device(path, self._data_start[file] + begin, end - begin, device)
+        except EOFError as exc:
+            raise _corrupt(path, str(exc)) from None
+        return data.view(dtype).view(entry["shape"])
 
     def close(self) -> None:
         """Drop the cached file handles and memory maps."""

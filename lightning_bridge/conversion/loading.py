@@ -7,9 +7,9 @@ numbers, see :mod:`~lightning_bridge.conversion.parallel`), so it reads only tho
 gathered, so loading scales with the number of ranks.
 
 Shapes are checked against the checkpoint's header before any data is read. Reading is
-pipelined: worker threads copy the next tensors from the (memory-mapped) checkpoint to the
-parameters' device while the main thread fuses, slices and copies the current one, with at most
-``READ_AHEAD_BYTES`` in flight.
+pipelined: worker threads read the next tensors onto the parameters' device (onto a GPU through
+pinned buffers, see :mod:`~lightning_bridge.pinned_read`) while the main thread fuses, slices and
+copies the current one, with at most ``READ_AHEAD_BYTES`` in flight.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registr
 def _read_ahead(source: TensorSource, loads: Iterable[_Load]) -> Iterator[tuple[_Load, list[torch.Tensor]]]:
     """Each load with its HF tensors on the parameter's device, in order, read on worker threads.
 
-    The copy to the device is where the data is actually read (the checkpoint is memory-mapped),
-    and torch releases the GIL for it, so several copies and the main thread's work overlap.
+    File reads and device copies release the GIL, so several reads and the main thread's work
+    overlap.
     """
     def read(load: _Load) -> list[torch.Tensor]:
         return [source.get(hf_name, device=load.param.device) for hf_name in load.hf_names]
