@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--import-only", action="store_true", help="stop after the import")
     parser.add_argument("--read-threads", type=int, help="override loading.READ_THREADS")
     parser.add_argument("--chunk-mb", type=int, help="override pinned_read.CHUNK_BYTES (MiB)")
+    parser.add_argument("--pageable-save", action="store_true",
+                        help="saves copy to pageable host memory instead of pinned (experiment)")
     args = parser.parse_args()
     if args.read_threads:
         loading.READ_THREADS = args.read_threads
@@ -112,6 +114,11 @@ def main() -> None:
     figures["export_to_host_gb_per_s"] = round(exported_bytes / 1e9 / elapsed, 2) if rank == 0 else None
 
     out = os.path.join(args.workdir, f"out-{args.shapes}-tp{args.tp}-pp{args.pp}")
+    if args.pageable_save:
+        from lightning_bridge.conversion import exporting
+
+        exporting.to_host = lambda tensor: tensor.to("cpu")
+        figures["pageable_save"] = True
     ours, raws = [], []
     for repeat in range(args.save_repeats):  # interleaved with the raw writes: the disk's pace drifts
         _sync()

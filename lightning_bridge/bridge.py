@@ -189,7 +189,8 @@ class AutoBridge:
         writer = None
         error: str | None = None
         if dist.get_rank() == 0:
-            writer = ShardedSafetensorsWriter(path, shard_plan, show_progress=show_progress, overwrite=overwrite)
+            writer = ShardedSafetensorsWriter(path, shard_plan, show_progress=show_progress, overwrite=overwrite,
+                                              specs=specs)
         try:
             for name, tensor in self.export_hf_weights(chunks, dtype=dtype, mode="consolidate"):
                 if writer is not None and error is None:

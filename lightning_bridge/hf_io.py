@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightning_bridge.pinned_read import read_to_device
+from lightning_bridge.safetensors_stream import DTYPE_CODES, StreamedSafetensorsFile
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +33,7 @@ PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
 _TEMP_DIR = re.compile(r"^\.(?P<final>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-_DTYPES = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
-    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
+_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}  # safetensors dtype code -> torch
 
 
 def _corrupt(path: Path, why: str) -> ValueError:
@@ -341,7 +337,7 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, final_dir: str | os.PathLike, plan: dict[str, list[str]], *,
                  metadata: dict[str, str] | None = None, show_progress: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, specs: Sequence[TensorSpec] = ()):
         self.final_dir, self.overwrite = Path(final_dir).absolute(), overwrite
         if self.final_dir.exists() and not overwrite:
             raise FileExistsError(f"{self.final_dir} already exists: pass overwrite=True to replace it, "
@@ -355,6 +351,12 @@ class ShardedSafetensorsWriter:
                 self._owner[name] = file
         self.plan = {file: list(group) for file, group in plan.items() if group}
         self.metadata = {"format": "pt", **(metadata or {})}
+        # A shard whose every tensor has a spec is streamed: each tensor is written as it arrives.
+        # Without specs a shard's tensors are buffered until it is complete, then saved at once.
+        spec_of = {spec.name: spec for spec in specs}
+        self._specs = {file: [spec_of[n] for n in group] for file, group in self.plan.items()
+                       if all(n in spec_of for n in group)}
+        self._streams: dict[str, StreamedSafetensorsFile] = {}
         self._pending: dict[str, dict[str, torch.Tensor]] = {file: {} for file in self.plan}
         self._written: set[str] = set()
         self._total_size, self._state = 0, "open"
@@ -398,12 +400,32 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"Tensor {name!r} is not in the shard plan for {self.final_dir}; plan it first.")
         if name in self._written or name in self._pending[file]:
             raise ValueError(f"Tensor {name!r} was already added to the writer for {self.final_dir}.")
+        if file in self._specs:
+            self._stream(file, name, tensor)
+            return
         tensor = tensor.detach().to("cpu").contiguous()
         if tensor.untyped_storage().nbytes() != tensor.nbytes:
             tensor = tensor.clone()  # a view would keep its whole, possibly huge, storage alive
         self._pending[file][name] = tensor
         if len(self._pending[file]) == len(self.plan[file]):
             self._write_shard(file)
+
+    def _stream(self, file: str, name: str, tensor: torch.Tensor) -> None:
+        try:
+            if file not in self._streams:
+                (self.tmp_dir / file).parent.mkdir(parents=True, exist_ok=True)
+                self._streams[file] = StreamedSafetensorsFile(self.tmp_dir / file, self._specs[file],
+                                                              self.metadata)
+            stream = self._streams[file]
+            stream.write(name, tensor)
+        except OSError as exc:
+            self._fail(exc, f"write shard {file}")
+        self._written.add(name)
+        self._total_size += tensor.nbytes
+        self._progress.update(tensor.nbytes)
+        if stream.complete:
+            stream.close()
+            logger.debug("Wrote %s (%d tensors, %d bytes)", stream.path, len(self.plan[file]), stream.nbytes)
 
     def _write_shard(self, file: str) -> None:
         tensors, seen = self._pending.pop(file), set()
@@ -495,6 +517,8 @@ class ShardedSafetensorsWriter:
         if self._state == "open":
             self._state = "aborted"
             self._pending.clear()
+            for stream in self._streams.values():
+                stream.close()
             self._progress.close()
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
 

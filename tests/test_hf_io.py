@@ -399,3 +399,45 @@ def test_cleanup_restores_old_checkpoint_after_crash_mid_publish(tmp_path):
     out.rename(tmp_path / f".out.old-{dead.pid}-abcd")  # crashed between the two renames
     assert cleanup_stale_temp_dirs(tmp_path) == []
     assert HFCheckpointReader(out).names() == ["a"] and leftovers(tmp_path) == []
+
+
+# --- streamed shards (specs known in advance) ------------------------------------------------------
+def test_streamed_shards_equal_buffered_ones_byte_for_byte(tmp_path):
+    tensors = make_tensors()
+    buffered = write(tmp_path / "buffered", tensors, max_shard_size=600)
+    plan = plan_shards(specs_of(tensors), max_shard_size=600)
+    with ShardedSafetensorsWriter(tmp_path / "streamed", plan, specs=specs_of(tensors)) as writer:
+        for name in reversed(list(tensors)):  # arrival order does not matter
+            writer.add(name, tensors[name])
+        writer.finalize()
+    files = sorted(p.name for p in buffered.iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "streamed").iterdir()) and len(files) > 2
+    for file in files:
+        assert (tmp_path / "streamed" / file).read_bytes() == (buffered / file).read_bytes(), file
+
+
+def test_streamed_disk_full_gives_clear_error_and_no_output(tmp_path, monkeypatch):
+    from lightning_bridge.safetensors_stream import StreamedSafetensorsFile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(StreamedSafetensorsFile, "_write_at", full)
+    tensors = make_tensors()
+    plan = plan_shards(specs_of(tensors), max_shard_size=600)
+    with pytest.raises(OSError, match=r"streamed.*no space left on device.*free disk space"):
+        with ShardedSafetensorsWriter(tmp_path / "streamed", plan, specs=specs_of(tensors)) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_streamed_finalize_names_the_missing_tensors(tmp_path):
+    tensors = make_tensors()
+    plan = plan_shards(specs_of(tensors), max_shard_size=600)
+    writer = ShardedSafetensorsWriter(tmp_path / "streamed", plan, specs=specs_of(tensors))
+    writer.add("lm_head.weight", tensors["lm_head.weight"])
+    with pytest.raises(ValueError, match=r"6 planned tensors were never added: .*position_ids"):
+        writer.finalize()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

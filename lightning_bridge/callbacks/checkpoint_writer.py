@@ -11,16 +11,16 @@ How a save runs
   pins them before the first step, so a save blocks training for the device-to-host copy only
   (about 0.3 s for Llama-3-8B on an H200, see benchmarks/README.md). On the CPU it is a clone.
 * **Writer thread (one per rank, only while a save is in flight)**: takes tensors from the queue
-  into an :class:`~lightning_bridge.hf_io.ShardedSafetensorsWriter`, which writes each shard as soon
-  as it is complete; then config, generation config and tokenizer files, the index, fsync and the
+  into an :class:`~lightning_bridge.hf_io.ShardedSafetensorsWriter`, which writes each tensor at its
+  place in its shard as it arrives (the shard layout is planned before the save); then config, generation config and tokenizer files, the index, fsync and the
   atomic rename; then the ``latest`` pointer and ``keep_last_k`` pruning. It never issues a
   collective.
 * **Staging budget**: the training thread may run ahead of the disk by ``staging_budget_bytes`` of
-  staged tensors; beyond that it waits for the writer to finish a shard ("stream" mode). It never
-  waits while the writer is idle and needs more tensors to finish a shard, so the save cannot
-  deadlock whatever the budget. Default: on a GPU, everything this rank receives when that fits in
-  a quarter of the host's available memory (per local rank), else two shards; on the CPU, two
-  shards. ``save_stats[i]["staged_all"]`` says whether a save fitted in the budget whole.
+  staged tensors; beyond that it waits for the writer to write some ("stream" mode). It never
+  waits while the writer is idle, so the save cannot deadlock whatever the budget. Default: on a
+  GPU, everything this rank receives when that fits in a quarter of the host's available memory
+  (per local rank), else two shards; on the CPU, two shards. ``save_stats[i]["staged_all"]`` says
+  whether a save fitted in the budget whole.
 * **Memory**: the staged bytes (up to the budget) in host memory, pinned on a GPU and kept pinned
   between saves when everything fits; nothing extra on the device beyond the export's own
   temporaries (a tensor or two at a time).
@@ -117,7 +117,6 @@ class SaveJob:
         self.shared_tmp = callback.dirpath / f".step-{step}.tmp-{callback._token}"
         self.own_plan = layout.own_plan(self.rank)
         self.budget, self.staged_all = layout.budget, layout.staged_all
-        self.file_of = {name: file for file, names in self.own_plan.items() for name in names}
         self.started = time.perf_counter()
         self.waited_s = self.blocked_s = 0.0
         self.total_s: float | None = None
@@ -245,10 +244,10 @@ class SaveJob:
 
     def _write_own(self) -> None:
         target = self.shared_tmp / PART.format(self.rank) if self.parts else self.final_dir
+        specs = [TensorSpec(name, self.layout.shapes[name], self.layout.dtypes[name])
+                 for names in self.own_plan.values() for name in names]
         writer = ShardedSafetensorsWriter(target, self.own_plan, show_progress=self.cb.show_progress,
-                                          overwrite=target.exists())
-        remaining = {file: len(names) for file, names in self.own_plan.items()}
-        held = dict.fromkeys(self.own_plan, 0)
+                                          overwrite=target.exists(), specs=specs)
         try:
             while (item := self._next()) is not None:
                 name, tensor, event, nbytes = item
@@ -256,13 +255,9 @@ class SaveJob:
                 try:
                     if event is not None:
                         event.synchronize()
-                    file = self.file_of.get(name)
-                    writer.add(name, tensor)  # writes the shard once it is complete
+                    writer.add(name, tensor)  # written at its place in its shard at once
                     del tensor
-                    held[file] += nbytes
-                    remaining[file] -= 1
-                    if remaining[file] == 0:
-                        released = held.pop(file)
+                    released = nbytes
                 finally:
                     with self._cond:
                         self._busy = False

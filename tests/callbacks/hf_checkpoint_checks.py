@@ -38,8 +38,9 @@ def _one_rank_fails(source: str, dirpath: str) -> dict:
 
     import torch.distributed as dist
 
-    from lightning_bridge import AutoBridge, hf_io
+    from lightning_bridge import AutoBridge
     from lightning_bridge.callbacks import HFCheckpoint
+    from lightning_bridge.safetensors_stream import StreamedSafetensorsFile
 
     bridge = AutoBridge.from_hf_pretrained(source)
     chunks = bridge.to_megatron_model(pipeline_model_parallel_size=2)
@@ -50,7 +51,7 @@ def _one_rank_fails(source: str, dirpath: str) -> dict:
         def full(*args, **kwargs):
             raise OSError(errno.ENOSPC, "simulated")
 
-        hf_io.save_file = full
+        StreamedSafetensorsFile._write_at = full
     callback.save(bridge, chunks, 2)
     try:
         callback.wait()

@@ -197,7 +197,7 @@ def test_disk_errors_are_clear_and_keep_earlier_checkpoints(model, source, tmp_p
     def fail(*args, **kwargs):
         raise OSError(code, "simulated")
 
-    monkeypatch.setattr("lightning_bridge.hf_io.save_file", fail)
+    monkeypatch.setattr("lightning_bridge.safetensors_stream.StreamedSafetensorsFile._write_at", fail)
     callback.save(bridge, chunks, 2)
     with pytest.raises(RuntimeError) as raised:
         callback.wait()
