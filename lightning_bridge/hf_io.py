@@ -332,8 +332,9 @@ def _fsync(path: Path) -> None:
 
 
 class ShardedSafetensorsWriter:
-    """Writes a planned set of safetensors shards one at a time as their tensors arrive, then publishes the
-    folder atomically."""
+    """Writes a planned set of safetensors shards as their tensors arrive, then publishes the folder
+    atomically. With ``specs`` (name, shape, dtype of every tensor) each tensor is written at its place
+    at once and not kept; without, a shard's tensors are kept until it is complete."""
 
     def __init__(self, final_dir: str | os.PathLike, plan: dict[str, list[str]], *,
                  metadata: dict[str, str] | None = None, show_progress: bool = False,
