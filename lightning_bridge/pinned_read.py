@@ -30,7 +30,7 @@ class _ThreadBuffers(threading.local):
         self.turn = 0
 
     def next_buffer(self) -> int:
-        if not self.buffers:
+        if not self.buffers or len(self.views[0]) != CHUNK_BYTES:  # first use, or the size was changed
             self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8, pin_memory=True)
                             for _ in range(BUFFERS_PER_THREAD)]
             self.views = [memoryview(buffer.numpy()) for buffer in self.buffers]
@@ -57,14 +57,16 @@ def read_to_device(path: str | os.PathLike, offset: int, nbytes: int, device: to
     fd = os.open(path, os.O_RDONLY)
     try:
         with torch.cuda.stream(stream):
-            for start in range(0, nbytes, CHUNK_BYTES):
-                size = min(CHUNK_BYTES, nbytes - start)
+            start = 0
+            while start < nbytes:
                 index = _buffers.next_buffer()
+                size = min(len(_buffers.views[index]), nbytes - start)
                 _read_exactly(fd, _buffers.views[index][:size], offset + start, path)
                 out[start:start + size].copy_(_buffers.buffers[index][:size], non_blocking=True)
                 last = torch.cuda.Event()
                 last.record(stream)
                 _buffers.copied[index] = last
+                start += size
     finally:
         os.close(fd)
     if last is not None:

@@ -5,6 +5,8 @@ is the reader's part (which bytes, which dtype and shape, which errors); the GPU
 real pinned, chunked, multi-threaded path.
 """
 
+import contextlib
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,6 +91,37 @@ def test_cpu_reads_still_come_from_the_memory_map(checkpoint, monkeypatch):
     monkeypatch.setattr(hf_io, "read_to_device", lambda *a: pytest.fail("CPU reads must not stage"))
     reader = HFCheckpointReader(checkpoint)
     assert torch.equal(reader.get("i64"), _tensors()["i64"])
+
+
+@pytest.fixture
+def cuda_faked_on_cpu(monkeypatch):
+    """read_to_device's chunk loop on the CPU: streams and events do nothing, "pinned" is plain."""
+    class Event:
+        def record(self, stream=None):
+            pass
+
+        def synchronize(self):
+            pass
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
+    monkeypatch.setattr(pinned_read, "_buffers", pinned_read._ThreadBuffers())
+
+
+def test_the_chunk_loop_reads_every_byte_range_exactly(tmp_path, cuda_faked_on_cpu, monkeypatch):
+    path = tmp_path / "data.bin"
+    data = bytes(random.Random(0).randrange(256) for _ in range(5000))
+    path.write_bytes(data)
+    for chunk in (100, 7, 4096):  # the buffer size may change between reads in one thread
+        monkeypatch.setattr(pinned_read, "CHUNK_BYTES", chunk)
+        for offset, nbytes in [(0, 5000), (13, 1), (999, 2001), (4999, 1), (5000, 0), (0, 100), (1, 200)]:
+            got = pinned_read.read_to_device(path, offset, nbytes, torch.device("cpu"))
+            assert bytes(got.numpy()) == data[offset:offset + nbytes], (chunk, offset, nbytes)
+    with pytest.raises(EOFError, match=r"data.bin ends at byte 5000, before the 10 bytes"):
+        pinned_read.read_to_device(path, 4990, 20, torch.device("cpu"))
 
 
 @pytest.mark.gpu
