@@ -41,8 +41,9 @@ def _corrupt(path: Path, why: str) -> ValueError:
                       "Re-download it (or re-save it from the original model).")
 
 
-def _read_header(path: Path) -> dict[str, dict]:
-    """Tensor name -> header entry, in header order; checks the file is as long as its offsets say."""
+def _read_header(path: Path) -> tuple[dict[str, dict], int]:
+    """Tensor name -> header entry, in header order, and the offset of the first data byte; checks the
+    file is as long as its offsets say."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -59,7 +60,7 @@ def _read_header(path: Path) -> dict[str, dict]:
         raise _corrupt(path, f"unreadable header: {exc!r}") from None
     if 8 + length + end > size:
         raise _corrupt(path, f"the header needs {8 + length + end} bytes but the file has {size}")
-    return entries
+    return entries, 8 + length
 
 
 def _check_relative(name: object, where: str) -> str:
@@ -117,7 +118,7 @@ class HFCheckpointReader:
         if single.is_file():  # transformers prefers the single file too
             if index.is_file():
                 logger.warning("%s has both %s and an index; using the former.", self.folder, single.name)
-            self._headers[single.name] = _read_header(single)
+            self._headers[single.name], self._data_start[single.name] = _read_header(single)
             self.weight_map = dict.fromkeys(self._headers[single.name], single.name)
         elif index.is_file():
             self.has_index = True
@@ -133,7 +134,7 @@ class HFCheckpointReader:
     def _check_shards(self, index: Path) -> None:
         owner: dict[str, str] = {}
         for file in dict.fromkeys(self.weight_map.values()):
-            self._headers[file] = _read_header(_member(self.folder, file, index))
+            self._headers[file], self._data_start[file] = _read_header(_member(self.folder, file, index))
             for name in self._headers[file]:
                 if name in owner:
                     raise ValueError(f"Tensor {name!r} is in two shards of {self.folder}: {owner[name]} and "
@@ -235,9 +236,6 @@ class HFCheckpointReader:
         if end - begin != expected:
             raise _corrupt(path, f"tensor {name!r} has {end - begin} bytes for shape {list(entry['shape'])} "
                                  f"of {entry['dtype']}, which needs {expected}")
-        if file not in self._data_start:
-            with open(path, "rb") as f:
-                self._data_start[file] = 8 + struct.unpack("<Q", f.read(8))[0]
         try:
             data = read_to_device(path, self._data_start[file] + begin, end - begin, device)
         except EOFError as exc:
