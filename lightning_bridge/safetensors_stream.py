@@ -35,12 +35,14 @@ class StreamedSafetensorsFile:
         self.path = Path(path)
         header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
         self._places: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
+        for spec in specs:
+            if spec.dtype not in DTYPE_CODES:
+                raise ValueError(f"Tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot "
+                                 "store; cast it to a supported dtype first.")
         offset = 0
         # The order safetensors' own writer uses (by dtype, then by name), so the file is byte for
         # byte the one ``save_file`` would write.
-        for spec in sorted(specs, key=lambda spec: (-_RANK.get(spec.dtype, -1), spec.name)):
-            if spec.dtype not in DTYPE_CODES:
-                raise ValueError(f"Tensor {spec.name!r} has dtype {spec.dtype}, which safetensors cannot store.")
+        for spec in sorted(specs, key=lambda spec: (-_RANK[spec.dtype], spec.name)):
             nbytes = spec.nbytes
             header[spec.name] = {"dtype": DTYPE_CODES[spec.dtype], "shape": list(spec.shape),
                                  "data_offsets": [offset, offset + nbytes]}

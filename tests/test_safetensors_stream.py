@@ -37,14 +37,16 @@ def test_every_dtype_in_any_write_order_gives_save_files_bytes(tmp_path, seed):
     order = list(tensors)
     random.Random(seed).shuffle(order)
     _stream(tmp_path / "streamed.safetensors", tensors, order, {"format": "pt"})
-    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    assert (tmp_path / "streamed.safetensors").read_bytes() == reference
 
 
 def test_without_metadata_too(tmp_path):
     tensors = {"w": torch.ones(3, 2), "b": torch.zeros(2, dtype=torch.bfloat16)}
     save_file(tensors, tmp_path / "reference.safetensors")
     _stream(tmp_path / "streamed.safetensors", tensors, ["b", "w"])
-    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    reference = (tmp_path / "reference.safetensors").read_bytes()
+    assert (tmp_path / "streamed.safetensors").read_bytes() == reference
 
 
 def test_a_tensor_unlike_its_plan_or_written_twice_is_refused(tmp_path):
@@ -59,3 +61,10 @@ def test_a_tensor_unlike_its_plan_or_written_twice_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"'w' is already written"):
         file.write("w", torch.zeros(2, 3))
     file.close()
+
+
+def test_a_dtype_safetensors_cannot_store_is_refused_before_the_file_is_made(tmp_path):
+    specs = [TensorSpec("w", (2,), torch.float32), TensorSpec("c", (2,), torch.complex64)]
+    with pytest.raises(ValueError, match=r"'c' has dtype torch.complex64, which safetensors cannot store"):
+        StreamedSafetensorsFile(tmp_path / "x.safetensors", specs)
+    assert not (tmp_path / "x.safetensors").exists()
