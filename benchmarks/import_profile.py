@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from shapes import random_checkpoint
 
-from lightning_bridge import AutoBridge
+from lightning_bridge import AutoBridge, pinned_read
 from lightning_bridge.distributed import initialize_distributed, initialize_model_parallel
 from lightning_bridge.hf_io import HFCheckpointReader
 
@@ -40,30 +39,26 @@ def _timed(fn, *args, **kwargs):
     return round(time.perf_counter() - start, 4), result
 
 
-def _entries(folder: str):
-    """(file, name, start, nbytes, dtype, shape) of every tensor, from the safetensors headers."""
-    from lightning_bridge.hf_io import _DTYPES, _read_header
-
+def _checkpoint_nbytes(folder: str) -> int:
     reader = HFCheckpointReader(folder)
-    out = []
-    for file in dict.fromkeys(reader.weight_map.values()):
-        path = os.path.join(folder, file)
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-        for name, entry in _read_header(Path(path)).items():
-            begin, end = entry["data_offsets"]
-            out.append((path, name, 8 + header_len + begin, end - begin, _DTYPES[entry["dtype"]], entry["shape"]))
-    return out
+    return sum(math.prod(reader.shape(n)) * reader.dtype(n).itemsize for n in reader.names())
+
+
+def _read_all(folder: str, threads: int, read_one) -> int:
+    """Read every tensor of the checkpoint onto the GPU with ``read_one(reader, name)`` on threads."""
+    reader = HFCheckpointReader(folder)
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda name: read_one(reader, name).numel(), reader.names()))
 
 
 def read_mmap_to(folder: str, threads: int) -> int:
-    reader = HFCheckpointReader(folder)
+    """The memory-mapped tensor (safetensors ``get_tensor``) copied with ``.to("cuda")``."""
+    from safetensors import safe_open
 
-    def one(name):
-        return reader.get(name, device="cuda").numel()
-
-    with ThreadPoolExecutor(threads) as pool:
-        return sum(pool.map(one, reader.names()))
+    handles = {file: safe_open(os.path.join(folder, file), framework="pt", device="cpu")
+               for file in set(HFCheckpointReader(folder).weight_map.values())}
+    return _read_all(folder, threads,
+                     lambda reader, name: handles[reader.weight_map[name]].get_tensor(name).to("cuda"))
 
 
 def read_safetensors_device(folder: str) -> int:
@@ -78,52 +73,13 @@ def read_safetensors_device(folder: str) -> int:
     return total
 
 
-class _Staging(threading.local):
-    def __init__(self):
-        self.buffers: list[torch.Tensor] = []
-        self.events: list[torch.cuda.Event | None] = []
-        self.next = 0
-
-
-def read_pinned(folder: str, threads: int, chunk_mb: int, per_thread: int = 2) -> int:
-    entries = _entries(folder)
-    chunk = chunk_mb << 20
-    staging = _Staging()
-    fds = {path: os.open(path, os.O_RDONLY) for path in {e[0] for e in entries}}
-    stream = torch.cuda.current_stream()
-
-    def one(entry):
-        path, _, start, nbytes, dtype, shape = entry
-        if not staging.buffers:
-            staging.buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(per_thread)]
-            staging.views = [memoryview(b.numpy()) for b in staging.buffers]
-            staging.events = [None] * per_thread
-        with torch.cuda.stream(stream):
-            out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-            pos = 0
-            while pos < nbytes:
-                i = staging.next % per_thread
-                staging.next += 1
-                if staging.events[i] is not None:
-                    staging.events[i].synchronize()
-                n = min(chunk, nbytes - pos)
-                view = staging.views[i][:n]
-                done = 0
-                while done < n:
-                    done += os.preadv(fds[path], [view[done:]], start + pos + done)
-                out[pos:pos + n].copy_(staging.buffers[i][:n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-                staging.events[i] = event
-                pos += n
-        return out.view(dtype).view(shape).numel()
-
+def read_pinned(folder: str, threads: int, chunk_mb: int) -> int:
+    """The loader's own path (:mod:`lightning_bridge.pinned_read`) at this thread count and buffer size."""
+    previous, pinned_read.CHUNK_BYTES = pinned_read.CHUNK_BYTES, chunk_mb << 20
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return sum(pool.map(one, entries))
+        return _read_all(folder, threads, lambda reader, name: reader.get(name, device="cuda"))
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        pinned_read.CHUNK_BYTES = previous
 
 
 def pinned_alloc_s(mb: int) -> float:
@@ -180,11 +136,12 @@ def main() -> None:
     import transformers
 
     figures: dict = {"shapes": args.shapes}
-    nbytes = sum(e[3] for e in _entries(folder))
+    nbytes = _checkpoint_nbytes(folder)
     figures["checkpoint_gb"] = round(nbytes / 1e9, 3)
 
     def hf_load():
-        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map="cuda")
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16,
+                                                                 device_map="cuda")
 
     _timed(hf_load)
     figures["transformers_s"] = [_timed(hf_load)[0] for _ in range(2)]
