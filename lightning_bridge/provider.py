@@ -13,6 +13,7 @@ changed freely in between::
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -25,8 +26,14 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 
 from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.norms import TorchNorm
 from lightning_bridge.runtime import cpu as cpu_runtime
 
 logger = logging.getLogger(__name__)
@@ -39,12 +46,27 @@ ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
 
 
 def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
-    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings."""
-    return get_gpt_layer_local_spec(
+    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings, with
+    norms that allow sequence parallelism (:class:`~lightning_bridge.norms.TorchNorm`)."""
+    spec = get_gpt_layer_local_spec(
         num_experts=provider.num_moe_experts,
         qk_layernorm=provider.qk_layernorm,
         normalization=provider.normalization,
     )
+    layer, attention = spec.submodules, spec.submodules.self_attention
+    norms = {"q_layernorm": TorchNorm, "k_layernorm": TorchNorm} if provider.qk_layernorm else {}
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **norms))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(
+        layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention))
+
+
+def block_spec(spec: ModuleSpec, provider: GPTModelProvider, vp_stage: int | None) -> ModuleSpec:
+    """A whole-block spec: ``spec`` itself if it is one, else its layers under a TorchNorm final norm."""
+    if spec.module is TransformerBlock:
+        return spec
+    layers = get_num_layers_to_build(provider, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm))
 
 
 @dataclass
@@ -95,7 +117,7 @@ class GPTModelProvider(TransformerConfig):
         last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
         model = GPTModel(
             config=self,
-            transformer_layer_spec=self.layer_spec(self),
+            transformer_layer_spec=block_spec(self.layer_spec(self), self, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=self.seq_length,
             pre_process=first,
@@ -164,6 +186,12 @@ class GPTModelProvider(TransformerConfig):
                     f"(for example {_largest_divisor(value, tp)})."
                 )
         self._check_expert_sizes()
+        if self.context_parallel_size > 1:
+            raise ValueError(
+                f"context_parallel_size={self.context_parallel_size} is not supported: megatron-core's local "
+                "attention (no Transformer Engine) cannot split the sequence. Use context_parallel_size=1, "
+                "and sequence_parallel=True with tensor parallelism to split activations."
+            )
         vp, pp = self.virtual_pipeline_model_parallel_size, self.pipeline_model_parallel_size
         if vp is not None and (pp == 1 or self.num_layers % (pp * vp)):
             raise ValueError(

@@ -5,12 +5,14 @@ Each difference is a module swapped into megatron-core's own local spec, so ever
 
 - :class:`RowParallelLinearWithPostNorm`: a row-parallel linear layer whose full output goes
   through a norm before the residual add (OLMo 2's ``post_attention_layernorm`` and
-  ``post_feedforward_layernorm``). megatron-core 0.16's ``TransformerLayerSubmodules`` has no
+  ``post_feedforward_layernorm``). Under sequence parallelism the output is split along the
+  sequence, so the norm is a :class:`~lightning_bridge.norms.TorchNorm`. megatron-core 0.16's ``TransformerLayerSubmodules`` has no
   post-attention / post-MLP norm slot; the output projections are where it fits.
 - :class:`ProjectionRMSNorm`: RMSNorm over a whole query or key projection, all heads together
   (OLMo 2's ``q_norm`` / ``k_norm``), where Megatron's q/k layernorm normalises each head. Under
   tensor parallelism each rank holds a slice of the heads, so the sum of squares is all-reduced
-  over the tensor-parallel group: the norm is the full projection's on every layout.
+  over the tensor-parallel group: the norm is the full projection's on every layout. The weight
+  is whole on every rank, so that Megatron's sum of q/k-norm gradients over TP is right.
 - :class:`ZeroCenteredRMSNorm`: RMSNorm scaling by (1 + weight), the stored weight an offset from
   1 (Gemma; Megatron's ``layernorm_zero_centered_gamma``, which the local torch norm refuses).
   The final norm is part of the block, so Gemma's spec is a whole-block spec.
@@ -27,22 +29,18 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel.layers import RowParallelLinear, set_tensor_model_parallel_attributes
+from megatron.core.tensor_parallel.layers import RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-)
 
+from lightning_bridge.norms import TorchNorm
 from lightning_bridge.provider import local_layer_spec
 
 if TYPE_CHECKING:
@@ -59,7 +57,7 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
     """
 
     def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig,
-                 post_layernorm: type = WrappedTorchNorm, **kwargs):
+                 post_layernorm: type = TorchNorm, **kwargs):
         super().__init__(input_size, output_size, config=config, **kwargs)
         self.post_layernorm = post_layernorm(config=config, hidden_size=output_size,
                                              eps=config.layernorm_epsilon)
@@ -76,20 +74,19 @@ class ProjectionRMSNorm(MegatronModule):
 
     Built in Megatron's q/k layernorm slot, it receives [seq, batch, heads, head_dim] with this
     rank's heads; ``heads`` names the config field that counts them over all ranks
-    (``num_attention_heads`` for queries, ``num_query_groups`` for keys). The weight is split
-    across tensor-parallel ranks like the heads are.
+    (``num_attention_heads`` for queries, ``num_query_groups`` for keys). Every tensor-parallel
+    rank holds the whole weight and uses the slice of its heads: Megatron sums q/k layernorm
+    gradients over the tensor-parallel group, which assembles the whole gradient on every rank.
     """
 
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float, heads: str):
         super().__init__(config=config)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
-        total_heads = getattr(config, heads)
-        self.full_size = total_heads * hidden_size
+        self.full_size = getattr(config, heads) * hidden_size
+        self.local_size = self.full_size // self.tp_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(total_heads // self.tp_size * hidden_size,
-                                                    dtype=config.params_dtype))
-        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+        self.weight = torch.nn.Parameter(torch.ones(self.full_size, dtype=config.params_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(*x.shape[:-2], -1).float()
@@ -97,14 +94,9 @@ class ProjectionRMSNorm(MegatronModule):
         if self.tp_size > 1:
             squares = _AllReduceSum.apply(squares, self.tp_group)
         normed = flat * torch.rsqrt(squares / self.full_size + self.eps)
-        return (self.weight * normed).to(x.dtype).reshape(x.shape)
-
-    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
-        """The weight is split along its only axis across tensor-parallel ranks."""
-        return make_sharded_tensors_for_checkpoint(
-            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
-            tp_group=self.tp_group, dp_cp_group=ensure_metadata_has_dp_cp_group(metadata)["dp_cp_group"],
-        )
+        start = ps.get_tensor_model_parallel_rank() * self.local_size
+        weight = self.weight[start:start + self.local_size]
+        return (weight * normed).to(x.dtype).reshape(x.shape)
 
 
 class ZeroCenteredRMSNorm(torch.nn.Module):
