@@ -107,6 +107,12 @@ class GPTModelProvider(TransformerConfig):
         if cpu_runtime.is_cpu_runtime():
             self.use_cpu_initialization = True
             self.gradient_accumulation_fusion = False
+        if self.virtual_pipeline_model_parallel_size:
+            # The batched exchange sends a stage's activations and gradients to the same neighbour
+            # in one batch; at PP=2 the previous and next stage are the same rank, and the receiver
+            # matches them in the other order (gradients silently swapped with activations).
+            # Megatron-LM runs interleaved pipelines unbatched too.
+            self.batch_p2p_comm = False
         if self.num_moe_experts:
             _define_missing_te_gemm()
         TransformerConfig.__post_init__(self)
