@@ -65,17 +65,19 @@ class CausalLMModule(pl.LightningModule):
         return causal_lm_loss(logits, labels, mask, self.vocab_size)
 
     def configure_optimizers(self) -> Any:
-        """AdamW (Megatron's distributed optimizer) with linear warmup then cosine decay."""
+        """AdamW (Megatron's, distributed or not as the strategy's DDP) with linear warmup then cosine decay."""
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         hp = self.hparams
-        provider = self.trainer.strategy.provider
+        strategy = self.trainer.strategy
+        provider = strategy.provider
         config = OptimizerConfig(
             optimizer="adam", lr=hp.learning_rate, min_lr=self._min_lr(), weight_decay=hp.weight_decay,
             adam_beta1=hp.adam_betas[0], adam_beta2=hp.adam_betas[1], adam_eps=hp.adam_eps,
             clip_grad=hp.gradient_clip_val, bf16=provider.bf16, fp16=provider.fp16,
-            params_dtype=provider.params_dtype, use_distributed_optimizer=True,
+            params_dtype=provider.params_dtype,
+            use_distributed_optimizer=strategy.ddp_config.use_distributed_optimizer,  # DDP reduces for it
         )
         optimizer = get_megatron_optimizer(config, list(self.megatron_model))
         decay_steps = hp.lr_decay_steps or max(int(self.trainer.estimated_stepping_batches), 1)
@@ -143,16 +145,24 @@ class CausalLMModule(pl.LightningModule):
 
 
 def next_token_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Labels shifted left by one (position t predicts token t+1) and the mask of counted tokens."""
+    """Labels shifted left by one (position t predicts token t+1) and the mask of counted tokens.
+
+    A target counts when its label is not -100 and ``loss_mask`` (if given) keeps it; with an
+    ``attention_mask``, both the target token and the position predicting it must be real tokens:
+    padding is never counted.
+    """
     labels = batch.get("labels", batch["input_ids"])
-    mask = labels != IGNORE_INDEX
+    counted = labels != IGNORE_INDEX
+    real = batch.get("attention_mask")
     for key in ("attention_mask", "loss_mask"):
         if batch.get(key) is not None:
-            mask = mask & batch[key].bool()
+            counted = counted & batch[key].bool()
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
-    shifted_mask = torch.zeros_like(mask)
-    shifted_mask[:, :-1] = mask[:, 1:]
+    shifted_mask = torch.zeros_like(counted)
+    shifted_mask[:, :-1] = counted[:, 1:]
+    if real is not None:
+        shifted_mask[:, :-1] &= real[:, :-1].bool()
     return shifted.masked_fill(~shifted_mask, 0), shifted_mask
 
 

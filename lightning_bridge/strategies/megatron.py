@@ -95,6 +95,12 @@ class MegatronBridgeStrategy(ParallelStrategy):
     ) -> None:
         super().__init__(accelerator=accelerator, parallel_devices=parallel_devices,
                          cluster_environment=cluster_environment)
+        if context_parallel_size != 1:
+            raise ValueError(
+                f"context_parallel_size={context_parallel_size} is not supported: megatron-core's local "
+                "attention (no Transformer Engine) cannot split the sequence. Use context_parallel_size=1, "
+                "and sequence_parallel=True with tensor_model_parallel_size > 1 to split activations."
+            )
         self.model_source = model
         self.parallel_sizes = dict(
             tensor_model_parallel_size=tensor_model_parallel_size,
@@ -205,6 +211,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
             optimizer = optimizer["optimizer"]
         from lightning.pytorch.utilities.types import LRSchedulerConfig
 
+        self._check_optimizer_matches_ddp(optimizer)
         self.megatron_optimizer = optimizer
         self.optimizers = [optimizer]
         self.lr_scheduler_configs = [
@@ -257,11 +264,13 @@ class MegatronBridgeStrategy(ParallelStrategy):
             for chunk in self.model_chunks:
                 chunk.zero_grad_buffer()
             self.megatron_optimizer.zero_grad()
-        position_ids = torch.arange(seq_length, device=input_ids.device).expand(micro, seq_length)
+        self._check_sequence_length(seq_length)
+        positions = torch.arange(seq_length, device=input_ids.device).expand(micro, seq_length)
 
         def forward_step(data_iterator: Iterator, model: torch.nn.Module):
             microbatch = next(data_iterator)
-            logits = model(microbatch["input_ids"], position_ids, None)
+            mask = self._padding_attention_mask(microbatch.get("attention_mask"))
+            logits = model(microbatch["input_ids"], microbatch.get("position_ids", positions), mask)
             return logits, partial(_reduce_for_megatron, loss_fn, microbatch)
 
         chunks = self.model_chunks
@@ -477,11 +486,11 @@ class MegatronBridgeStrategy(ParallelStrategy):
         self.provider = provider
         from megatron.core.distributed import DistributedDataParallelConfig
 
-        ddp_config = self.ddp_config or DistributedDataParallelConfig(
+        self.ddp_config = self.ddp_config or DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )
-        return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=ddp_config)
+        return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=self.ddp_config)
 
     def _resolve_bridge(self) -> AutoBridge:
         source = self.model_source
@@ -514,6 +523,32 @@ class MegatronBridgeStrategy(ParallelStrategy):
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
 
+    def _check_optimizer_matches_ddp(self, optimizer: Any) -> None:
+        """Megatron's DDP reduces gradients for one kind of optimizer: refuse the other kind.
+
+        With the distributed optimizer DDP reduce-scatters the gradients (each replica keeps its
+        shard); a plain optimizer needs them all-reduced. A mismatch trains on wrong gradients.
+        """
+        for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+            config = getattr(inner, "config", None)
+            if config is None or not hasattr(config, "use_distributed_optimizer"):
+                raise TypeError(
+                    f"configure_optimizers returned {type(inner).__name__}, not a Megatron optimizer. Build it "
+                    "with megatron.core.optimizer.get_megatron_optimizer(config, list(self.megatron_model)) "
+                    "(see CausalLMModule.configure_optimizers)."
+                )
+            if config.use_distributed_optimizer != self.ddp_config.use_distributed_optimizer:
+                raise ValueError(
+                    f"The optimizer from configure_optimizers has OptimizerConfig(use_distributed_optimizer="
+                    f"{config.use_distributed_optimizer}) but the model's DDP was built with "
+                    f"DistributedDataParallelConfig(use_distributed_optimizer="
+                    f"{self.ddp_config.use_distributed_optimizer}): gradients would be reduced for the other "
+                    "kind of optimizer and training would be wrong. Build the optimizer with "
+                    "use_distributed_optimizer=self.trainer.strategy.ddp_config.use_distributed_optimizer, or "
+                    "pass MegatronBridgeStrategy(ddp_config=DistributedDataParallelConfig("
+                    f"use_distributed_optimizer={config.use_distributed_optimizer}, ...))."
+                )
+
     def _micro_batch_size(self, batch_size: int) -> int:
         micro = self.micro_batch_size or (1 if self.pipeline_model_parallel_size > 1 else batch_size)
         if batch_size % micro:
@@ -522,6 +557,40 @@ class MegatronBridgeStrategy(ParallelStrategy):
                 "DataLoader's batch_size a multiple of it (use drop_last=True for a ragged last batch)."
             )
         return micro
+
+    def _check_sequence_length(self, seq_length: int) -> None:
+        tp = self.tensor_model_parallel_size
+        if self.sequence_parallel and seq_length % tp:
+            raise ValueError(
+                f"sequence_parallel=True splits each sequence over the {tp} tensor-parallel ranks, but the "
+                f"batch's sequence length {seq_length} is not divisible by {tp}. Pad or pack sequences to a "
+                f"multiple of {tp}."
+            )
+
+    def _padding_attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Megatron's attention mask ([batch, 1, seq, seq], True = hidden) for a padded microbatch.
+
+        None where causality alone is right: no ``attention_mask``, or padding only after the real
+        tokens (right padding), which no real token attends to. Otherwise real tokens attend only to
+        earlier real tokens; a padding position attends to itself alone (its output is never counted,
+        and a row with nothing to attend to would give NaN in fused kernels).
+        """
+        if attention_mask is None:
+            return None
+        real = attention_mask.bool()
+        if bool((real[:, 1:] <= real[:, :-1]).all()):  # every row: real tokens, then padding
+            return None
+        if self.provider.window_size is not None:
+            raise ValueError(
+                "attention_mask has padding before real tokens (left padding), which this model's "
+                "sliding-window attention cannot combine with its window. Pad on the right "
+                "(tokenizer.padding_side = 'right'), or pack sequences without padding."
+            )
+        seq = real.shape[1]
+        causal = torch.ones(seq, seq, dtype=torch.bool, device=real.device).tril()
+        eye = torch.eye(seq, dtype=torch.bool, device=real.device)
+        allowed = causal & (real[:, None, :] | eye)
+        return ~allowed[:, None]
 
     def _global_mean_loss(self, outputs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-weighted mean loss over microbatches and data-parallel replicas, on every rank."""
