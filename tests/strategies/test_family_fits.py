@@ -22,8 +22,8 @@ WORLD = 2
 def parallel_settings(folder: str) -> dict:
     """TP=2, unless the family's KV heads (query groups) cannot be split over two ranks (TP=1, DP=2).
 
-    MoE families use expert parallelism (EP=2, DP=2) instead: Megatron refuses MoE with TP in
-    training without sequence parallelism, which its local (torch) LayerNorm does not support.
+    MoE families use expert parallelism (EP=2, DP=2) instead; MoE at TP x EP (which needs sequence
+    parallelism) is trained against transformers' gradients in ``test_gradients.py``.
     """
     provider = AutoBridge.from_hf_pretrained(folder).to_megatron_provider(load_weights=False)
     if provider.num_moe_experts:
