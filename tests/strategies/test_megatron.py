@@ -105,6 +105,35 @@ def test_unsupported_precision_is_refused(source):
         _fit_one_process(MegatronBridgeStrategy(source), precision="64-true")
 
 
+def test_context_parallelism_is_refused_at_construction(source):
+    with pytest.raises(ValueError, match=r"context_parallel_size=2 is not supported.*sequence_parallel=True"):
+        MegatronBridgeStrategy(source, context_parallel_size=2)
+
+
+def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp(source):
+    strategy = MegatronBridgeStrategy(source, tensor_model_parallel_size=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match="sequence length 7 is not divisible by 2"):
+        strategy._check_sequence_length(7)
+
+
+def test_left_padding_is_refused_for_sliding_window_attention(tmp_path):
+    strategy = MegatronBridgeStrategy(str(make_checkpoint("mistral", tmp_path / "mistral")))
+    strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
+    right = torch.tensor([[1, 1, 1, 0]])
+    assert strategy._padding_attention_mask(right) is None  # causal attention never looks forward
+    with pytest.raises(ValueError, match="Pad on the right"):
+        strategy._padding_attention_mask(torch.tensor([[0, 1, 1, 1]]))
+
+
+def test_left_padding_mask_hides_padding_from_real_tokens(source):
+    strategy = MegatronBridgeStrategy(source)
+    strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
+    hidden = strategy._padding_attention_mask(torch.tensor([[0, 1, 1]]))[0, 0]  # True: not attended
+    assert hidden.tolist() == [[False, True, True],   # padding attends to itself only
+                               [True, False, True],   # the first real token: itself
+                               [True, False, False]]
+
+
 def test_missing_model_is_explained():
     with pytest.raises(ValueError, match="needs a model"):
         _fit_one_process(MegatronBridgeStrategy())
