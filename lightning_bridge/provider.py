@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_block import (
 
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.norms import TorchNorm
+from lightning_bridge.rotary import use_position_ids
 from lightning_bridge.runtime import cpu as cpu_runtime
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class GPTModelProvider(TransformerConfig):
         )
         if self.rotary_inv_freq is not None and getattr(model, "rotary_pos_emb", None) is not None:
             model.rotary_pos_emb.inv_freq = self.rotary_inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        use_position_ids(model)  # packed examples restart their rotary positions
         if self.model_hook is not None:
             self.model_hook(model, self)
         return model

@@ -52,6 +52,7 @@ from lightning_bridge.dist_checkpoint import (
     write_hf_metadata,
 )
 from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.masks import attention_mask_for
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.runtime import cpu as cpu_runtime
 
@@ -269,8 +270,8 @@ class MegatronBridgeStrategy(ParallelStrategy):
 
         def forward_step(data_iterator: Iterator, model: torch.nn.Module):
             microbatch = next(data_iterator)
-            mask = self._padding_attention_mask(microbatch.get("attention_mask"))
-            logits = model(microbatch["input_ids"], microbatch.get("position_ids", positions), mask)
+            logits = model(microbatch["input_ids"], microbatch.get("position_ids", positions),
+                           self._attention_mask(microbatch))
             return logits, partial(_reduce_for_megatron, loss_fn, microbatch)
 
         chunks = self.model_chunks
@@ -567,30 +568,16 @@ class MegatronBridgeStrategy(ParallelStrategy):
                 f"multiple of {tp}."
             )
 
-    def _padding_attention_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Megatron's attention mask ([batch, 1, seq, seq], True = hidden) for a padded microbatch.
-
-        None where causality alone is right: no ``attention_mask``, or padding only after the real
-        tokens (right padding), which no real token attends to. Otherwise real tokens attend only to
-        earlier real tokens; a padding position attends to itself alone (its output is never counted,
-        and a row with nothing to attend to would give NaN in fused kernels).
-        """
-        if attention_mask is None:
-            return None
-        real = attention_mask.bool()
-        if bool((real[:, 1:] <= real[:, :-1]).all()):  # every row: real tokens, then padding
-            return None
-        if self.provider.window_size is not None:
+    def _attention_mask(self, microbatch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Megatron's attention mask for a padded or packed microbatch (:mod:`lightning_bridge.masks`)."""
+        mask = attention_mask_for(microbatch.get("attention_mask"), microbatch.get("position_ids"))
+        if mask is not None and self.provider.window_size is not None:
             raise ValueError(
-                "attention_mask has padding before real tokens (left padding), which this model's "
-                "sliding-window attention cannot combine with its window. Pad on the right "
-                "(tokenizer.padding_side = 'right'), or pack sequences without padding."
+                "This batch has padding before real tokens (left padding) or packed examples, which this "
+                "model's sliding-window attention cannot combine with its window. Pad on the right "
+                "(tokenizer.padding_side = 'right') and do not pack."
             )
-        seq = real.shape[1]
-        causal = torch.ones(seq, seq, dtype=torch.bool, device=real.device).tril()
-        eye = torch.eye(seq, dtype=torch.bool, device=real.device)
-        allowed = causal & (real[:, None, :] | eye)
-        return ~allowed[:, None]
+        return mask
 
     def _global_mean_loss(self, outputs: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token-weighted mean loss over microbatches and data-parallel replicas, on every rank."""

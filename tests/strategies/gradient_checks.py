@@ -42,6 +42,39 @@ def gradient_batch(vocab: int = 96, padding: str | None = None) -> list[dict[str
     return samples
 
 
+# Two examples per packed row: (length of the first, length of the second); the rest is padding.
+PACKED = ((9, 7), (6, 6), (10, 3), (5, 8))
+
+
+def packed_batch(vocab: int = 96) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """Four rows of two packed examples each, and the same eight examples unpacked (right-padded).
+
+    Packed rows number each example's positions from 0 (transformers' packed ``position_ids``) and
+    count no example's first token, as an unpacked example cannot count its own first token.
+    """
+    g = torch.Generator().manual_seed(11)
+    packed, unpacked = [], []
+    for lengths in PACKED:
+        ids, positions, counted = torch.zeros(SEQ, dtype=torch.long), torch.zeros(SEQ, dtype=torch.long), []
+        start = 0
+        for length in lengths:
+            example = torch.randint(0, vocab, (length,), generator=g)
+            ids[start:start + length] = example
+            positions[start:start + length] = torch.arange(length)
+            alone = torch.zeros(SEQ, dtype=torch.long)
+            alone[:length] = example
+            real = (torch.arange(SEQ) < length).long()
+            unpacked.append({"input_ids": alone, "loss_mask": real, "attention_mask": real})
+            counted.append((start, length))
+            start += length
+        real = (torch.arange(SEQ) < start).long()
+        loss_mask = real.clone()
+        for first, _ in counted:
+            loss_mask[first] = 0
+        packed.append({"input_ids": ids, "position_ids": positions, "attention_mask": real, "loss_mask": loss_mask})
+    return packed, unpacked
+
+
 def reference_gradients(folder: str, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """transformers' gradient of the token-weighted mean next-token loss over ``samples``, by the
     tensor names of the checkpoint on disk (transformers saves some in another layout, e.g. experts)."""
@@ -106,7 +139,7 @@ def step_gradients(cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
     """Per layout: the weights after one GradientStep, by HF name (rank 0), or the error raised.
 
     A layout is a dict of strategy arguments plus optional ``precision``, ``lr``, ``loss_scale``,
-    ``padding``, ``module`` (GradientStep kwargs) and ``micro_batch_size`` (default 1).
+    ``padding`` ("left", "right", or "packed": checked against the examples unpacked), ``module`` (GradientStep kwargs) and ``micro_batch_size`` (default 1).
     """
     results = []
     for folder, layout in cases:
@@ -115,7 +148,8 @@ def step_gradients(cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
         lr = layout.pop("lr", 1.0)
         module_kwargs = layout.pop("module", {})
         loss_scale = layout.pop("loss_scale", None)
-        samples = gradient_batch(padding=layout.pop("padding", None))
+        padding = layout.pop("padding", None)
+        samples, reference = packed_batch() if padding == "packed" else (gradient_batch(padding=padding),) * 2
         layout.setdefault("micro_batch_size", 1)
         try:
             strategy = MegatronBridgeStrategy(folder, **layout)
@@ -126,7 +160,7 @@ def step_gradients(cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
             trainer.fit(GradientStep(lr=lr, loss_scale=loss_scale, **module_kwargs),
                         DataLoader(samples, batch_size=len(samples) // dp))
             after = dict(strategy.bridge.export_hf_weights(strategy.model_chunks, mode="consolidate"))
-            results.append({"after": after or None, "lr": lr, "samples": samples})
+            results.append({"after": after or None, "lr": lr, "samples": reference})
         except Exception as error:  # noqa: BLE001 - the test asserts on the message
             results.append({"error": f"{type(error).__name__}: {error}"})
         finally:

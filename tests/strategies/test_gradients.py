@@ -26,7 +26,7 @@ from factories import make_checkpoint
 from multiprocess import launch
 from megatron.core.distributed import DistributedDataParallelConfig
 from safetensors.torch import load_file
-from strategies.gradient_checks import gradient_batch, reference_gradients, step_gradients
+from strategies.gradient_checks import gradient_batch, packed_batch, reference_gradients, step_gradients
 
 WORLD = 4
 FP32_TOL = 1e-3
@@ -43,6 +43,8 @@ DENSE_LAYOUTS = {
     "tp2-pp2-sp": {**TP2, **PP2, "sequence_parallel": True},
     "tp2-pp2-left-padding": {**TP2, **PP2, "padding": "left"},
     "pp2-dp2-right-padding": {**PP2, "padding": "right"},
+    "tp2-pp2-packed": {**TP2, **PP2, "padding": "packed"},
+    "tp2-sp-dp2-packed": {**TP2, "sequence_parallel": True, "padding": "packed"},
     "pp2-dp2-micro-batch-2": {**PP2, "micro_batch_size": 2},
     "tp2-dp2-recompute": {**TP2, "provider_overrides": {
         "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}},
@@ -141,6 +143,14 @@ def test_mixed_precision_step_is_close_to_the_reference_gradient(checkpoints, st
     gradients = _gradients(result, before, dtype)
     errors = {name: float((g - reference[name]).norm() / reference[name].norm()) for name, g in gradients.items()}
     assert max(errors.values()) <= HALF_TOL[dtype], sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_packed_rows_hold_the_unpacked_examples():
+    packed, unpacked = packed_batch()
+    assert sum(int(row["loss_mask"].sum()) for row in packed) == sum(int(u["loss_mask"][1:].sum()) for u in unpacked)
+    first = packed[0]
+    assert first["position_ids"][:9].tolist() == list(range(9)) and first["position_ids"][9:16].tolist() == list(range(7))
+    assert first["input_ids"][9:16].tolist() == unpacked[1]["input_ids"][:7].tolist()
 
 
 def test_the_batch_weighs_microbatches_unequally():

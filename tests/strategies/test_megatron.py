@@ -120,18 +120,11 @@ def test_left_padding_is_refused_for_sliding_window_attention(tmp_path):
     strategy = MegatronBridgeStrategy(str(make_checkpoint("mistral", tmp_path / "mistral")))
     strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
     right = torch.tensor([[1, 1, 1, 0]])
-    assert strategy._padding_attention_mask(right) is None  # causal attention never looks forward
+    assert strategy._attention_mask({"attention_mask": right}) is None  # causal never looks forward
     with pytest.raises(ValueError, match="Pad on the right"):
-        strategy._padding_attention_mask(torch.tensor([[0, 1, 1, 1]]))
-
-
-def test_left_padding_mask_hides_padding_from_real_tokens(source):
-    strategy = MegatronBridgeStrategy(source)
-    strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
-    hidden = strategy._padding_attention_mask(torch.tensor([[0, 1, 1]]))[0, 0]  # True: not attended
-    assert hidden.tolist() == [[False, True, True],   # padding attends to itself only
-                               [True, False, True],   # the first real token: itself
-                               [True, False, False]]
+        strategy._attention_mask({"attention_mask": torch.tensor([[0, 1, 1, 1]])})
+    with pytest.raises(ValueError, match="do not pack"):
+        strategy._attention_mask({"position_ids": torch.tensor([[0, 1, 0, 1]])})
 
 
 def test_missing_model_is_explained():
