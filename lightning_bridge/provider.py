@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -26,6 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from lightning_bridge.attention import core_attention_spec, resolve_backend
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.runtime import cpu as cpu_runtime
 
@@ -39,12 +41,17 @@ ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
 
 
 def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
-    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings."""
-    return get_gpt_layer_local_spec(
+    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings, its
+    core attention chosen by ``provider.attention_backend`` (:mod:`lightning_bridge.attention`)."""
+    spec = get_gpt_layer_local_spec(
         num_experts=provider.num_moe_experts,
         qk_layernorm=provider.qk_layernorm,
         normalization=provider.normalization,
     )
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+        attention.submodules, core_attention=core_attention_spec(provider)))
+    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
 @dataclass
@@ -65,6 +72,10 @@ class GPTModelProvider(TransformerConfig):
     weight_loader: WeightLoader | None = None
     model_hook: ModelHook | None = None
     seed: int = 1234
+    # Megatron's own field, here choosing the local spec's core attention: "auto" (default: torch's
+    # fused kernels), "sdpa", "flex" or "local" (megatron-core's unfused DotProductAttention); Megatron's
+    # AttnBackend members are accepted (local/unfused -> "local", flash/fused -> "sdpa").
+    attention_backend: Any = "auto"
 
     def __post_init__(self) -> None:
         # Megatron's validation waits for finalize(), so fields stay settable until the build.
@@ -80,6 +91,7 @@ class GPTModelProvider(TransformerConfig):
     def finalize(self) -> None:
         """Check the settings and run Megatron's own ``TransformerConfig`` validation."""
         self._check_parallel_sizes()
+        resolve_backend(self)  # an unknown attention_backend is named before anything is built
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         if cpu_runtime.is_cpu_runtime():
