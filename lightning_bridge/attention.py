@@ -49,10 +49,10 @@ logger = logging.getLogger(__name__)
 
 # attention_backend values (Megatron's AttnBackend members are accepted too, see _normalise):
 BACKENDS = {
-    "auto": "the fused core attention on CUDA (SDPA; flex attention for windows and soft-capping); "
-            "on the CPU as well (SDPA / eager flex: fp32 logits within 1e-5 of transformers')",
+    "auto": "torch's fused kernels: SDPA; on CUDA flex attention for windows and soft-capping (soft-capped "
+            "layers on the CPU or with dropout: the scores materialised, flex has no CPU backward nor dropout)",
     "sdpa": "scaled_dot_product_attention, windows as boolean masks; soft-capping through flex attention",
-    "flex": "flex_attention for every layer (compiled on CUDA)",
+    "flex": "flex_attention for every layer (compiled on CUDA; on the CPU forward only)",
     "local": "megatron-core's unfused DotProductAttention (the [b*h, s, s] scores materialised)",
 }
 _ALIASES = {"unfused": "local", "eager": "local", "flash": "sdpa", "fused": "sdpa",
@@ -68,8 +68,10 @@ class FusedDotProductAttention(DotProductAttention):
     """``DotProductAttention`` computed by torch's fused attention kernels (SDPA, flex attention).
 
     ``softcap``: cap the scaled scores at ``tanh(s / cap) * cap`` before masking and softmax.
-    ``kernel``: "auto" (SDPA, or flex where SDPA cannot express the layer or, on CUDA, for
-    windows), "sdpa" (SDPA; flex only for soft-capping) or "flex" (flex attention throughout).
+    ``kernel``: "auto" (SDPA; on CUDA flex attention for soft-capping and windows), "sdpa" (SDPA;
+    flex only for soft-capping) or "flex" (flex attention throughout). Soft-capped layers on the
+    CPU, or with dropout in training, compute their scores explicitly (flex attention has no CPU
+    backward and no dropout).
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -87,9 +89,6 @@ class FusedDotProductAttention(DotProductAttention):
         self.kernel = kernel
         self.window = (tuple(config.window_size) if is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, layer_number) else None)
-        if softcap is not None and self.attention_dropout.p > 0:
-            raise ValueError(f"attention_dropout={self.attention_dropout.p} with soft-capped attention: flex "
-                             "attention has no dropout. Set attention_backend='local' or attention_dropout=0.")
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None = None,
@@ -100,8 +99,11 @@ class FusedDotProductAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         # [s, b, h, d] -> [b, h, s, d]: a view, the head dimension stays contiguous
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self._use_flex(q, attention_mask, dropout):
+        kernel = self._kernel(q, attention_mask, dropout)
+        if kernel == "flex":
             context = self._flex(q, k, v, attention_mask, causal)
+        elif kernel == "math":
+            context = self._math(q, k, v, attention_mask, causal, dropout)
         elif attention_mask is None and self.window is None and causal:
             context = self._sdpa(q, k, v, None, dropout, is_causal=True)
         else:
@@ -112,12 +114,32 @@ class FusedDotProductAttention(DotProductAttention):
         return context.view(*context.shape[:2], self.hidden_size_per_partition)
 
     # -----------------------------------------------------------------------------------------
-    def _use_flex(self, q: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> bool:
-        if self.softcap is not None or self.kernel == "flex":
-            return True
+    def _kernel(self, q: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float) -> str:
+        if self.kernel == "flex":
+            return "flex"
+        if self.softcap is not None:  # SDPA cannot cap; flex has no dropout and no CPU backward
+            return "flex" if q.is_cuda and dropout == 0.0 else "math"
         # on CUDA a window alone is a block-sparse flex mask; with dropout or a mask, SDPA's bool mask
-        return self.kernel == "auto" and q.is_cuda and self.window is not None and attention_mask is None \
-            and dropout == 0.0
+        if self.kernel == "auto" and q.is_cuda and self.window is not None and attention_mask is None \
+                and dropout == 0.0:
+            return "flex"
+        return "sdpa"
+
+    def _math(self, q, k, v, attention_mask, causal: bool, dropout: float) -> torch.Tensor:
+        """Scores materialised, as transformers' eager attention: the soft-capped layers on the CPU."""
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
+        if self.softcap is not None:
+            scores = softcap(scores, self.softcap)
+        keep = _keep_mask(attention_mask, q.shape[2], k.shape[2], causal, self.window, q.device)
+        probs = scores.float().masked_fill(~keep, float("-inf")).softmax(-1).to(q.dtype)
+        if dropout > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                probs = F.dropout(probs, dropout)
+        elif dropout > 0:
+            probs = F.dropout(probs, dropout)
+        return torch.matmul(probs, v)
 
     def _sdpa(self, q, k, v, keep, dropout: float, is_causal: bool) -> torch.Tensor:
         groups = q.shape[1] // k.shape[1]
@@ -170,9 +192,6 @@ def resolve_backend(config: TransformerConfig, softcap: float | None = None) -> 
     if backend != "auto":
         return backend
     if config.softmax_type != "vanilla":
-        return "local"
-    if softcap is not None and config.attention_dropout > 0:
-        logger.info("attention_backend='auto': attention_dropout with soft-capping runs the unfused attention")
         return "local"
     return "sdpa" if softcap is None else "flex"
 
