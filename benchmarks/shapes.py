@@ -18,13 +18,29 @@ SHAPES = {
                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=True),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                        num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False),
+    # Llama-3-8B layers, 12 of them: fits one GPU with Adam beside transformers' fp32 copy
+    "llama3-8b-12l": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=12, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+                          tie_word_embeddings=False),
+    # Mixtral-like MoE: 8 experts of FFN 4096, top-2
+    "mixtral-moe": dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+                        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, num_local_experts=8,
+                        num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                        tie_word_embeddings=False),
+    "tiny-moe": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, num_local_experts=4,
+                     num_experts_per_tok=2, tie_word_embeddings=False),
     "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=False),
 }
 
 
-def llama_config(shapes: str, dtype: torch.dtype = torch.bfloat16) -> transformers.LlamaConfig:
-    config = transformers.LlamaConfig(**SHAPES[shapes])
+def llama_config(shapes: str, dtype: torch.dtype = torch.bfloat16) -> transformers.PretrainedConfig:
+    """The HF config of ``shapes``: Llama, or Mixtral for shapes with experts."""
+    fields = SHAPES[shapes]
+    config_cls = transformers.MixtralConfig if "num_local_experts" in fields else transformers.LlamaConfig
+    config = config_cls(**fields)
     config.dtype = dtype
     return config
 
@@ -37,7 +53,7 @@ def random_checkpoint(shapes: str, folder: str | os.PathLike, dtype: torch.dtype
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     with torch.device(device):
-        model = transformers.LlamaForCausalLM(llama_config(shapes, dtype)).to(dtype)
+        model = transformers.AutoModelForCausalLM.from_config(llama_config(shapes, dtype)).to(dtype)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     os.rename(tmp, folder)

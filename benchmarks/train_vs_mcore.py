@@ -40,8 +40,10 @@ def _sync() -> None:
 
 def run_strategy(args, source: str, data: DataLoader) -> tuple[list[float], list[float]]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    overrides = {"attention_backend": args.attention_backend} if getattr(args, "attention_backend", None) else {}
     strategy = MegatronBridgeStrategy(source, tensor_model_parallel_size=args.tp,
-                                      pipeline_model_parallel_size=args.pp, micro_batch_size=args.micro)
+                                      pipeline_model_parallel_size=args.pp, micro_batch_size=args.micro,
+                                      provider_overrides=overrides)
     timer = Timer()  # wall time of each step, device work included
     trainer = pl.Trainer(accelerator="auto", devices=world, strategy=strategy, max_steps=args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -55,8 +57,28 @@ def _module(args) -> CausalLMModule:
     return CausalLMModule(learning_rate=args.lr, warmup_steps=min(50, args.steps // 10), lr_decay_steps=args.steps)
 
 
-def run_mcore(args, source: str, data: DataLoader) -> tuple[list[float], list[float]]:
-    """Megatron-LM's training loop, reduced to what a step needs."""
+def timed_steps(data, steps: int, step) -> tuple[list[float], list[float]]:
+    """Run ``step(batch)`` (it returns the loss as a tensor) on up to ``steps`` batches: the wall time
+    of each step, device work included, and the losses (read after the timed region)."""
+    step_times, losses = [], []
+    for batch in data:
+        _sync()
+        start = time.perf_counter()
+        loss = step(batch)
+        _sync()
+        step_times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+        if len(step_times) == steps:
+            break
+    return step_times, losses
+
+
+def run_mcore(args, source, data: DataLoader) -> tuple[list[float], list[float]]:
+    """Megatron-LM's training loop, reduced to what a step needs.
+
+    ``source``: a checkpoint folder, or an HF config (random weights, Megatron's init).
+    ``args.attention_backend`` (if set): the provider's core attention (``lightning_bridge.attention``).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -64,8 +86,13 @@ def run_mcore(args, source: str, data: DataLoader) -> tuple[list[float], list[fl
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     initialize_distributed()
-    bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=torch.bfloat16)
+    if isinstance(source, (str, os.PathLike)):
+        bridge = AutoBridge.from_hf_pretrained(source, torch_dtype=torch.bfloat16)
+    else:
+        bridge = AutoBridge.from_hf_config(source, torch_dtype=torch.bfloat16)
     provider = bridge.to_megatron_provider(show_progress=False)
+    if getattr(args, "attention_backend", None):
+        provider.attention_backend = args.attention_backend
     provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = args.tp, args.pp
     provider.pipeline_dtype = torch.bfloat16
     provider.calculate_per_token_loss = True
@@ -101,10 +128,7 @@ def run_mcore(args, source: str, data: DataLoader) -> tuple[list[float], list[fl
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return model(ids, positions, None), partial(loss_func, microbatch)
 
-    step_times, losses = [], []
-    for batch in data:
-        _sync()
-        start = time.perf_counter()
+    def step(batch):
         ids = batch["input_ids"].to(device)
         microbatches = [{"input_ids": ids[i:i + args.micro]} for i in range(0, ids.shape[0], args.micro)]
         for chunk in chunks:
@@ -122,12 +146,9 @@ def run_mcore(args, source: str, data: DataLoader) -> tuple[list[float], list[fl
             for reduced in outputs:
                 totals += reduced["loss"]
             dist.all_reduce(totals, group=ps.get_data_parallel_group())
-        _sync()
-        step_times.append(time.perf_counter() - start)
-        losses.append(float(totals[0] / totals[1].clamp_min(1)))
-        if len(step_times) == args.steps:
-            break
-    return step_times, losses
+        return totals[0] / totals[1].clamp_min(1)
+
+    return timed_steps(data, args.steps, step)
 
 
 def main() -> None:
@@ -144,6 +165,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--workdir", default="/tmp/lb-bench")
     parser.add_argument("--precision", default="bf16-mixed", help="the strategy's; mcore mode always runs bf16")
+    parser.add_argument("--attention-backend", default=None,
+                        help="the provider's attention_backend (auto, sdpa, flex, local); default: auto")
     args = parser.parse_args()
     if args.tp * args.pp != int(os.environ.get("WORLD_SIZE", "1")):
         parser.error("run with --nproc_per_node equal to tp * pp: both modes are compared with DP=1")

@@ -42,8 +42,6 @@ TOKENIZER_FILES = (
 REFUSED_KWARGS = {
     "device_map": "Megatron places weights by its parallel layout: set tensor_model_parallel_size / "
                   "pipeline_model_parallel_size on bridge.to_megatron_provider() instead.",
-    "attn_implementation": "Megatron uses its own attention kernels: set attention_backend on "
-                           "bridge.to_megatron_provider() instead.",
     "load_in_8bit": "quantized loading is not supported; load in bf16/fp16 with torch_dtype=.",
     "load_in_4bit": "quantized loading is not supported; load in bf16/fp16 with torch_dtype=.",
     "quantization_config": "quantized checkpoints are not supported; use an unquantized checkpoint.",
@@ -54,6 +52,9 @@ REFUSED_KWARGS = {
 # from_pretrained kwargs passed on to the Hub download / config loading.
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder")
 ACCEPTED_NOOP_KWARGS = ("low_cpu_mem_usage", "use_safetensors")
+# transformers' attn_implementation -> the provider's attention_backend (lightning_bridge.attention)
+ATTN_IMPLEMENTATIONS = {"eager": "local", "sdpa": "sdpa", "flex_attention": "flex",
+                        "flash_attention_2": "auto", "flash_attention_3": "auto"}
 
 
 class AutoBridge:
@@ -61,7 +62,8 @@ class AutoBridge:
 
     def __init__(self, hf_config: PretrainedConfig, *, source: str | os.PathLike | None = None,
                  torch_dtype: torch.dtype | str | None = None, revision: str | None = None,
-                 allow_pickle: bool = False, hub_kwargs: dict[str, Any] | None = None):
+                 allow_pickle: bool = False, hub_kwargs: dict[str, Any] | None = None,
+                 attention_backend: str | None = None):
         self.hf_config = hf_config
         self._model_bridge: ModelBridge = self._family(hf_config)(hf_config)
         self._model_bridge.check_supported()  # refuse what cannot be reproduced, before any work
@@ -73,13 +75,21 @@ class AutoBridge:
         self._reader: HFCheckpointReader | None = None
         self._folder: Path | None = None
         self.torch_dtype = _as_dtype(torch_dtype)
+        self.attention_backend = attention_backend  # None: the provider's default ("auto")
 
     # --- construction ------------------------------------------------------------------------
     @classmethod
     def from_hf_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
                            trust_remote_code: bool = False, revision: str | None = None,
                            allow_pickle: bool = False, **kwargs: Any) -> AutoBridge:
-        """A bridge for a local HF checkpoint folder or a Hub id (config read now, weights later)."""
+        """A bridge for a local HF checkpoint folder or a Hub id (config read now, weights later).
+
+        ``attn_implementation`` picks the models' core attention (the provider's
+        ``attention_backend``): "eager" -> "local" (megatron-core's unfused attention), "sdpa" ->
+        "sdpa", "flex_attention" -> "flex", "flash_attention_2" / "flash_attention_3" -> "auto"
+        (torch's fused kernels: flash / cuDNN through SDPA).
+        """
+        attention_backend = _attention_backend(kwargs.pop("attn_implementation", None))
         for key, why in REFUSED_KWARGS.items():
             if kwargs.get(key) not in (None, False):
                 raise ValueError(f"{key}={kwargs[key]!r} is not supported by the bridge: {why}")
@@ -88,7 +98,7 @@ class AutoBridge:
             kwargs.pop(key, None)
         config = _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, kwargs)
         return cls(config, source=path_or_id, torch_dtype=torch_dtype, revision=revision,
-                   allow_pickle=allow_pickle, hub_kwargs=hub_kwargs)
+                   allow_pickle=allow_pickle, hub_kwargs=hub_kwargs, attention_backend=attention_backend)
 
     @classmethod
     def from_hf_config(cls, config: PretrainedConfig, torch_dtype: torch.dtype | str | None = None) -> AutoBridge:
@@ -135,6 +145,8 @@ class AutoBridge:
             overrides["params_dtype"] = self.torch_dtype
             overrides["bf16"] = self.torch_dtype == torch.bfloat16
             overrides["fp16"] = self.torch_dtype == torch.float16
+        if self.attention_backend is not None:
+            overrides["attention_backend"] = self.attention_backend
         provider = self._model_bridge.provider(**overrides)
         if load_weights and self._source is not None:
             provider.weight_loader = lambda chunks, p: self.load_hf_weights(chunks, p, show_progress=show_progress)
@@ -367,6 +379,16 @@ def _causal_lm_architectures(config: PretrainedConfig) -> list[str]:
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
     return [name] if isinstance(name, str) else []
+
+
+def _attention_backend(attn_implementation: str | None) -> str | None:
+    if attn_implementation is None:
+        return None
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation={attn_implementation!r} is not supported by the bridge; use one of "
+                         f"{sorted(ATTN_IMPLEMENTATIONS)}, or set attention_backend on "
+                         "bridge.to_megatron_provider() (lightning_bridge.attention.BACKENDS).")
+    return ATTN_IMPLEMENTATIONS[attn_implementation]
 
 
 def _load_config(path_or_id, trust_remote_code, revision, hub_kwargs, overrides) -> PretrainedConfig:

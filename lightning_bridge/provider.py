@@ -32,6 +32,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from lightning_bridge.attention import core_attention_spec, resolve_backend
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.norms import TorchNorm
 from lightning_bridge.rotary import use_position_ids
@@ -47,16 +48,19 @@ ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
 
 
 def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
-    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings, with
-    norms that allow sequence parallelism (:class:`~lightning_bridge.norms.TorchNorm`)."""
+    """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings: norms that
+    allow sequence parallelism (:class:`~lightning_bridge.norms.TorchNorm`), and the core attention
+    chosen by ``provider.attention_backend`` (:mod:`lightning_bridge.attention`)."""
     spec = get_gpt_layer_local_spec(
         num_experts=provider.num_moe_experts,
         qk_layernorm=provider.qk_layernorm,
         normalization=provider.normalization,
     )
     layer, attention = spec.submodules, spec.submodules.self_attention
-    norms = {"q_layernorm": TorchNorm, "k_layernorm": TorchNorm} if provider.qk_layernorm else {}
-    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **norms))
+    parts = {"core_attention": core_attention_spec(provider)}
+    if provider.qk_layernorm:
+        parts.update(q_layernorm=TorchNorm, k_layernorm=TorchNorm)
+    attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **parts))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
         layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention))
 
@@ -88,6 +92,10 @@ class GPTModelProvider(TransformerConfig):
     weight_loader: WeightLoader | None = None
     model_hook: ModelHook | None = None
     seed: int = 1234
+    # Megatron's own field, here choosing the local spec's core attention: "auto" (default: torch's
+    # fused kernels), "sdpa", "flex" or "local" (megatron-core's unfused DotProductAttention); Megatron's
+    # AttnBackend members are accepted (local/unfused -> "local", flash/fused -> "sdpa").
+    attention_backend: Any = "auto"
 
     def __post_init__(self) -> None:
         # Megatron's validation waits for finalize(), so fields stay settable until the build.
@@ -103,6 +111,7 @@ class GPTModelProvider(TransformerConfig):
     def finalize(self) -> None:
         """Check the settings and run Megatron's own ``TransformerConfig`` validation."""
         self._check_parallel_sizes()
+        resolve_backend(self)  # an unknown attention_backend is named before anything is built
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         if cpu_runtime.is_cpu_runtime():

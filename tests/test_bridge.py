@@ -418,8 +418,8 @@ def test_tp_that_divides_passes_finalize():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(device_map="auto"), r"device_map='auto' is not supported by the bridge: .*set "
                               r"tensor_model_parallel_size / pipeline_model_parallel_size"),
-    (dict(attn_implementation="flash_attention_2"),
-     r"attn_implementation='flash_attention_2' is not supported.*set attention_backend"),
+    (dict(attn_implementation="flash_attention_1"),
+     r"attn_implementation='flash_attention_1' is not supported.*set attention_backend"),
     (dict(load_in_8bit=True), r"load_in_8bit=True is not supported.*load in bf16/fp16 with torch_dtype="),
     (dict(load_in_4bit=True), r"load_in_4bit=True is not supported"),
     (dict(max_memory={0: "1GB"}), r"max_memory=.* is not supported.*use more ranks"),

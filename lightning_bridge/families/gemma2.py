@@ -13,9 +13,10 @@ On top of Gemma's (1 + w) RMSNorms, GeGLU and sqrt(hidden_size)-scaled embedding
   ``window_size`` = (sliding_window - 1, 0), as transformers' mask ``q - k < sliding_window``),
   "full_attention" layers everything; chosen per global layer number, so any pipeline layout works.
 
-The layer spec is ``families.gemma_specs.GemmaSandwichBlockSpec``. Limits: Megatron's unfused
-attention applies the sliding window as a causal window only (a padding ``attention_mask`` is not
-combined with it, as for Mistral). Not supported, refused with a ValueError naming the setting:
+The layer spec is ``families.gemma_specs.GemmaSandwichBlockSpec``. Limits: under
+``attention_backend="local"`` megatron-core's unfused attention applies the sliding window as a
+causal window only (a padding ``attention_mask`` is not combined with it, as for Mistral); the
+default fused core attention (``lightning_bridge.attention``) combines them. Not supported, refused with a ValueError naming the setting:
 ``attention_bias=True``, ``use_bidirectional_attention=True``, layer types other than
 "sliding_attention" / "full_attention".
 """

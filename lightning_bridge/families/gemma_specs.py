@@ -6,8 +6,10 @@ attention kernels, MLP, bias-dropout-add and tensor/pipeline parallelism stay Me
 - sandwich norms: (1 + w) RMSNorms before *and after* attention and the MLP. The post-norms sit
   in the output projections (:class:`~lightning_bridge.families.specs.RowParallelLinearWithPostNorm`),
   the only place megatron-core 0.16's layer has for them;
-- :class:`SoftcappedDotProductAttention`: attention scores soft-capped, ``tanh(s / cap) * cap``,
-  after the softmax scale and before the mask and softmax (Gemma 2's ``attn_logit_softcapping``);
+- attention scores soft-capped, ``tanh(s / cap) * cap``, after the softmax scale and before the
+  mask and softmax (Gemma 2's ``attn_logit_softcapping``): the core attention of
+  :func:`lightning_bridge.attention.core_attention_spec` with ``softcap`` (flex attention, or
+  ``SoftcappedDotProductAttention`` under ``attention_backend="local"``);
 - sliding-window and full-attention layers: Megatron's own ``window_size`` with
   ``window_attn_skip_freq`` as a per-layer list, indexed by the global layer number, so every
   pipeline stage knows which of its layers slide;
@@ -27,7 +29,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -36,6 +37,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from lightning_bridge.attention import SoftcappedDotProductAttention, core_attention_spec, softcap  # noqa: F401 (re-exported)
 from lightning_bridge.families.specs import (
     EmbeddingScaledTransformerLayer,
     RowParallelLinearWithPostNorm,
@@ -49,31 +51,6 @@ if TYPE_CHECKING:
     from lightning_bridge.provider import GPTModelProvider
 
 logger = logging.getLogger(__name__)
-
-
-def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
-    """``tanh(x / cap) * cap`` in ``x``'s dtype, the operations in transformers' order."""
-    return torch.tanh(x / cap) * cap
-
-
-class _SoftcapBeforeSoftmax(torch.nn.Module):
-    """Wraps Megatron's mask-and-softmax module: soft-caps the scores, then masks and softmaxes."""
-
-    def __init__(self, scale_mask_softmax: torch.nn.Module, cap: float):
-        super().__init__()
-        self.scale_mask_softmax = scale_mask_softmax
-        self.cap = cap
-
-    def forward(self, scores: torch.Tensor, mask: torch.Tensor | None, softmax_offset=None) -> torch.Tensor:
-        return self.scale_mask_softmax(softcap(scores, self.cap), mask, softmax_offset)
-
-
-class SoftcappedDotProductAttention(DotProductAttention):
-    """megatron-core's unfused attention with the scaled scores soft-capped before the softmax."""
-
-    def __init__(self, *args, softcap: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.scale_mask_softmax = _SoftcapBeforeSoftmax(self.scale_mask_softmax, softcap)
 
 
 class GemmaTransformerLayer(EmbeddingScaledTransformerLayer):
@@ -126,8 +103,7 @@ class GemmaSandwichBlockSpec:
                                       params={"post_layernorm": ZeroCenteredRMSNorm})
         attention_parts = {"linear_proj": post_norm_linear}
         if self.attn_logit_softcapping:
-            attention_parts["core_attention"] = ModuleSpec(module=SoftcappedDotProductAttention,
-                                                           params={"softcap": self.attn_logit_softcapping})
+            attention_parts["core_attention"] = core_attention_spec(provider, softcap=self.attn_logit_softcapping)
         if provider.qk_layernorm:
             attention_parts.update(q_layernorm=ZeroCenteredRMSNorm, k_layernorm=ZeroCenteredRMSNorm)
         attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules,
