@@ -52,6 +52,7 @@ from lightning_bridge.dist_checkpoint import (
     write_hf_metadata,
 )
 from lightning_bridge.distributed import initialize_model_parallel
+from lightning_bridge.attention import resolve_backend
 from lightning_bridge.masks import attention_mask_for
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.runtime import cpu as cpu_runtime
@@ -571,11 +572,12 @@ class MegatronBridgeStrategy(ParallelStrategy):
     def _attention_mask(self, microbatch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Megatron's attention mask for a padded or packed microbatch (:mod:`lightning_bridge.masks`)."""
         mask = attention_mask_for(microbatch.get("attention_mask"), microbatch.get("position_ids"))
-        if mask is not None and self.provider.window_size is not None:
+        if mask is not None and self.provider.window_size is not None and resolve_backend(self.provider) == "local":
             raise ValueError(
-                "This batch has padding before real tokens (left padding) or packed examples, which this "
-                "model's sliding-window attention cannot combine with its window. Pad on the right "
-                "(tokenizer.padding_side = 'right') and do not pack."
+                "This batch has padding before real tokens (left padding) or packed examples, which "
+                "megatron-core's unfused sliding-window attention (attention_backend='local') cannot "
+                "combine with its window. Use the fused attention (attention_backend='auto', the default), "
+                "or pad on the right (tokenizer.padding_side = 'right') and do not pack."
             )
         return mask
 

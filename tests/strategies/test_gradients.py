@@ -44,6 +44,7 @@ DENSE_LAYOUTS = {
     "tp2-pp2-left-padding": {**TP2, **PP2, "padding": "left"},
     "pp2-dp2-right-padding": {**PP2, "padding": "right"},
     "tp2-pp2-packed": {**TP2, **PP2, "padding": "packed"},
+    "tp2-pp2-unfused-attention": {**TP2, **PP2, "provider_overrides": {"attention_backend": "local"}},
     "tp2-sp-dp2-packed": {**TP2, "sequence_parallel": True, "padding": "packed"},
     "pp2-dp2-micro-batch-2": {**PP2, "micro_batch_size": 2},
     "tp2-dp2-recompute": {**TP2, "provider_overrides": {
@@ -75,7 +76,11 @@ MODELS = {
     "qwen3-moe": ("qwen3-moe", {"tp2-ep2-sp": MOE_LAYOUTS["tp2-ep2-sp"]}),
     "qwen3": ("qwen3", {"tp2-sp-dp2": SP}),
     "olmo2": ("olmo2", {"tp2-dp2": TP2, "tp2-pp2-sp": {**SP, **PP2}}),
-    "gemma2": ("gemma2", {"tp2-sp-dp2": SP, "pp2-vpp2-dp2": DENSE_LAYOUTS["pp2-vpp2-dp2"]}),
+    "gemma2": ("gemma2", {"tp2-sp-dp2": SP, "pp2-vpp2-dp2": DENSE_LAYOUTS["pp2-vpp2-dp2"],
+                          "tp2-dp2-packed": {**TP2, "padding": "packed"}}),
+    # sliding windows with padding and packing (fused attention, the default)
+    "mistral": ("mistral", {"tp2-pp2-left-padding": DENSE_LAYOUTS["tp2-pp2-left-padding"],
+                            "tp2-sp-dp2-packed": DENSE_LAYOUTS["tp2-sp-dp2-packed"]}),
     "gpt2": ("gpt2", {"tp2-sp-dp2": SP}),  # built without dropout (see checkpoints)
     "phi2": ("phi2", {"tp2-sp-dp2": SP}),
 }

@@ -116,12 +116,15 @@ def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp(source):
         strategy._check_sequence_length(7)
 
 
-def test_left_padding_is_refused_for_sliding_window_attention(tmp_path):
+def test_left_padding_is_refused_for_unfused_sliding_window_attention(tmp_path):
     strategy = MegatronBridgeStrategy(str(make_checkpoint("mistral", tmp_path / "mistral")))
     strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
+    left = {"attention_mask": torch.tensor([[0, 1, 1, 1]])}
+    assert strategy._attention_mask(left) is not None  # the fused attention combines mask and window
+    strategy.provider.attention_backend = "local"
     right = torch.tensor([[1, 1, 1, 0]])
     assert strategy._attention_mask({"attention_mask": right}) is None  # causal never looks forward
-    with pytest.raises(ValueError, match="Pad on the right"):
+    with pytest.raises(ValueError, match="pad on the right"):
         strategy._attention_mask({"attention_mask": torch.tensor([[0, 1, 1, 1]])})
     with pytest.raises(ValueError, match="do not pack"):
         strategy._attention_mask({"position_ids": torch.tensor([[0, 1, 0, 1]])})
