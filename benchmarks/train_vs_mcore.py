@@ -31,6 +31,7 @@ from train_throughput import CountingSequences, Timer
 from lightning_bridge import AutoBridge, CausalLMModule, MegatronBridgeStrategy
 from lightning_bridge.distributed import initialize_distributed
 from lightning_bridge.module import causal_lm_loss, next_token_targets
+from lightning_bridge.optim import megatron_optimizer
 
 
 def _sync() -> None:
@@ -81,7 +82,7 @@ def run_mcore(args, source, data: DataLoader) -> tuple[list[float], list[float]]
     """
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -101,7 +102,7 @@ def run_mcore(args, source, data: DataLoader) -> tuple[list[float], list[float]]
     chunks = provider(wrap_with_ddp=True, ddp_config=ddp_config)
     module = _module(args)  # the same hyper-parameters as the strategy run
     hp = module.hparams
-    optimizer = get_megatron_optimizer(OptimizerConfig(
+    optimizer = megatron_optimizer(OptimizerConfig(  # the strategy's optimizer: fused AdamW on CUDA
         optimizer="adam", lr=hp.learning_rate, min_lr=hp.learning_rate * 0.1, weight_decay=hp.weight_decay,
         adam_beta1=hp.adam_betas[0], adam_beta2=hp.adam_betas[1], adam_eps=hp.adam_eps,
         clip_grad=hp.gradient_clip_val, bf16=True, params_dtype=torch.bfloat16, use_distributed_optimizer=True,

@@ -20,6 +20,8 @@ import torch
 import torchmetrics
 from megatron.core import parallel_state, tensor_parallel
 
+from lightning_bridge.optim import megatron_optimizer
+
 IGNORE_INDEX = -100
 
 
@@ -66,7 +68,7 @@ class CausalLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """AdamW (Megatron's, distributed or not as the strategy's DDP) with linear warmup then cosine decay."""
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         hp = self.hparams
@@ -79,7 +81,7 @@ class CausalLMModule(pl.LightningModule):
             params_dtype=provider.params_dtype,
             use_distributed_optimizer=strategy.ddp_config.use_distributed_optimizer,  # DDP reduces for it
         )
-        optimizer = get_megatron_optimizer(config, list(self.megatron_model))
+        optimizer = megatron_optimizer(config, list(self.megatron_model))
         decay_steps = hp.lr_decay_steps or max(int(self.trainer.estimated_stepping_batches), 1)
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0 if hp.warmup_steps else hp.learning_rate, max_lr=hp.learning_rate,
@@ -175,8 +177,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     logits = logits.float()
     partition = logits.shape[-1]
     start = parallel_state.get_tensor_model_parallel_rank() * partition
-    padded = torch.arange(start, start + partition, device=logits.device) >= vocab_size
-    if padded.any():
+    if start + partition > vocab_size:  # decided on the host: no device sync per microbatch
+        padded = torch.arange(start, start + partition, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padded, torch.finfo(logits.dtype).min)
     losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
     mask = mask.to(losses.dtype)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -92,6 +93,9 @@ class GPTModelProvider(TransformerConfig):
     weight_loader: WeightLoader | None = None
     model_hook: ModelHook | None = None
     seed: int = 1234
+    # On CUDA, fuse SwiGLU (gated SiLU MLPs) and bias-dropout-add with megatron-core's own TorchScript
+    # kernels; the CPU keeps the unfused ops, which compute exactly what transformers does.
+    cuda_fusions: bool = True
     # Megatron's own field, here choosing the local spec's core attention: "auto" (default: torch's
     # fused kernels), "sdpa", "flex" or "local" (megatron-core's unfused DotProductAttention); Megatron's
     # AttnBackend members are accepted (local/unfused -> "local", flash/fused -> "sdpa").
@@ -117,6 +121,9 @@ class GPTModelProvider(TransformerConfig):
         if cpu_runtime.is_cpu_runtime():
             self.use_cpu_initialization = True
             self.gradient_accumulation_fusion = False
+        elif self.cuda_fusions:
+            self.bias_activation_fusion = bool(self.gated_linear_unit and self.activation_func is F.silu)
+            self.bias_dropout_fusion = True
         if self.virtual_pipeline_model_parallel_size:
             # The batched exchange sends a stage's activations and gradients to the same neighbour
             # in one batch; at PP=2 the previous and next stage are the same rank, and the receiver

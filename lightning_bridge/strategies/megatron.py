@@ -54,6 +54,7 @@ from lightning_bridge.dist_checkpoint import (
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.attention import resolve_backend
 from lightning_bridge.masks import attention_mask_for
+from lightning_bridge.optim import step_tensor
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.runtime import cpu as cpu_runtime
 
@@ -536,7 +537,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
             if config is None or not hasattr(config, "use_distributed_optimizer"):
                 raise TypeError(
                     f"configure_optimizers returned {type(inner).__name__}, not a Megatron optimizer. Build it "
-                    "with megatron.core.optimizer.get_megatron_optimizer(config, list(self.megatron_model)) "
+                    "with lightning_bridge.optim.megatron_optimizer(config, list(self.megatron_model)) "
                     "(see CausalLMModule.configure_optimizers)."
                 )
             if config.use_distributed_optimizer != self.ddp_config.use_distributed_optimizer:
@@ -602,7 +603,7 @@ def _materialize_optimizer_state(optimizer: Any) -> None:
             inner.init_state_fn(torch_optimizer, inner.config)
         for group in torch_optimizer.param_groups:
             for param in group["params"]:
-                torch_optimizer.state[param].setdefault("step", torch.tensor(0.0))
+                torch_optimizer.state[param].setdefault("step", step_tensor(0.0, torch_optimizer, param))
 
 
 def _adam_step(optimizer: Any) -> float | None:
@@ -622,8 +623,8 @@ def _set_adam_step(optimizer: Any, step: float) -> None:
     keeps the step in its own state and puts it back here.
     """
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        for state in inner.optimizer.state.values():
-            state["step"] = torch.tensor(float(step))
+        for param, state in inner.optimizer.state.items():
+            state["step"] = step_tensor(step, inner.optimizer, param)
 
 
 def _reduce_for_megatron(loss_fn: LossFunction, microbatch: dict[str, torch.Tensor], logits: torch.Tensor):

@@ -121,7 +121,9 @@ class GradientStep(CausalLMModule):
         self.use_distributed_optimizer = use_distributed_optimizer
 
     def configure_optimizers(self) -> Any:
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer import OptimizerConfig
+
+        from lightning_bridge.optim import megatron_optimizer
 
         provider = self.trainer.strategy.provider
         distributed = self.use_distributed_optimizer
@@ -132,7 +134,7 @@ class GradientStep(CausalLMModule):
             adam_eps=self.EPS, weight_decay=0.0, clip_grad=0.0, bf16=provider.bf16, fp16=provider.fp16,
             params_dtype=provider.params_dtype, loss_scale=self.loss_scale, use_distributed_optimizer=distributed,
         )
-        return get_megatron_optimizer(config, list(self.megatron_model))
+        return megatron_optimizer(config, list(self.megatron_model))
 
 
 def step_gradients(cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
