@@ -9,15 +9,21 @@ changed freely in between::
     provider.tensor_model_parallel_size = 2
     provider.sequence_parallel = True
     chunks = provider(wrap_with_ddp=False)
+
+When the provider's ``weight_loader`` overwrites every parameter (the bridge's loader from an HF
+checkpoint does), the chunks are built without Megatron's random initialisation: drawing every
+weight at random only to overwrite it was 90% of a CPU import. Without a loader, or with
+``load_weights=False``, the model is initialised exactly as Megatron does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from megatron.core import parallel_state as ps
@@ -26,13 +32,28 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from lightning_bridge.conversion.parallel import global_named_parameters
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.runtime import cpu as cpu_runtime
 
 logger = logging.getLogger(__name__)
 
 LayerSpecFn = Callable[["GPTModelProvider"], ModuleSpec]
-WeightLoader = Callable[[list[torch.nn.Module], "GPTModelProvider"], None]
+
+
+class WeightLoader(Protocol):
+    """Fills freshly built model chunks with weights: ``loader(chunks, provider)``.
+
+    Any callable will do; the model is then randomly initialised before it runs. A loader that
+    overwrites *every* parameter may say so with a true ``fills_every_parameter`` attribute: the
+    provider then builds the chunks without random initialisation (their memory is uninitialised
+    until loaded), and the loader must return the global names of the parameters it wrote, which
+    the provider checks are all of them.
+    """
+
+    def __call__(self, chunks: list[torch.nn.Module], provider: GPTModelProvider) -> Collection[str] | None: ...
+
+
 # Changes a freshly built chunk where a family differs from GPTModel outside the layer spec
 # (an output-layer bias, soft-capped final logits); runs before weights load.
 ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
@@ -132,11 +153,15 @@ class GPTModelProvider(TransformerConfig):
         mcore_random.model_parallel_cuda_manual_seed(self.seed)  # same seed, same random init
         vp_size = self.virtual_pipeline_model_parallel_size
         stages = range(vp_size) if vp_size else [None]
-        chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
+        skip_initialization = self.loader_fills_every_parameter(load_weights)
+        with self._initialization_skipped(skip_initialization):
+            chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
         if torch.cuda.is_available():
             chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
         if load_weights and self.weight_loader is not None:
-            self.weight_loader(chunks, self)
+            loaded = self.weight_loader(chunks, self)
+            if skip_initialization:
+                _check_every_parameter_loaded(chunks, loaded)
         if self.fp16 or self.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -145,7 +170,24 @@ class GPTModelProvider(TransformerConfig):
             chunks = self._wrap_with_ddp(chunks, ddp_config)
         return chunks
 
+    def loader_fills_every_parameter(self, load_weights: bool = True) -> bool:
+        """Whether a build with ``load_weights`` overwrites every parameter from a checkpoint, so
+        Megatron's random initialisation is skipped (see :class:`WeightLoader`)."""
+        return load_weights and bool(getattr(self.weight_loader, "fills_every_parameter", False))
+
     # ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _initialization_skipped(self, skip: bool) -> Iterator[None]:
+        """Megatron's ``perform_initialization=False`` while the chunks are built, when ``skip``."""
+        if not skip or not self.perform_initialization:
+            yield
+            return
+        self.perform_initialization = False
+        try:
+            yield
+        finally:
+            self.perform_initialization = True
+
     def _check_parallel_sizes(self) -> None:
         tp = self.tensor_model_parallel_size
         groups = self.num_query_groups or self.num_attention_heads
@@ -218,6 +260,20 @@ class GPTModelProvider(TransformerConfig):
     def transformer_config_fields(self) -> dict[str, Any]:
         """The ``TransformerConfig`` fields and their current values."""
         return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+
+
+def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
+    """Refuse chunks built without initialisation that the loader did not fill completely."""
+    written = set(loaded or ())
+    missing = sorted(name for chunk in chunks for name, _ in global_named_parameters(chunk) if name not in written)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise RuntimeError(
+            f"The weight loader did not write the parameters {shown}. The model was built without random "
+            "initialisation because the loader declared fills_every_parameter, so they hold uninitialised "
+            "memory. Make the loader write every parameter and return their names, or drop its "
+            "fills_every_parameter attribute so the model is initialised first."
+        )
 
 
 def _define_missing_te_gemm() -> None:

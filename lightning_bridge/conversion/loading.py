@@ -92,8 +92,13 @@ def load_hf_weights(
     ctx: ConversionContext,
     *,
     show_progress: bool = False,
-) -> None:
-    """Copy this rank's slice of every HF tensor into the parameters of ``chunks``."""
+) -> list[str]:
+    """Copy this rank's slice of every HF tensor into the parameters of ``chunks``.
+
+    Every parameter is overwritten whole (a parameter without a mapping is an error), so the
+    chunks may be built without random initialisation. Returns the global names of the
+    parameters written: all of them.
+    """
     loads = _plan_loads(chunks, source, registry, ctx)
     progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
     with progress, torch.no_grad():
@@ -102,6 +107,7 @@ def load_hf_weights(
             load.param.copy_(load.mapping.shard(full, load.tp_rank, load.tp_size))
             logger.debug("loaded %s <- %s (%s)", load.name, ", ".join(load.hf_names), load.mapping.kind)
             progress.update()
+    return [load.name for load in loads]
 
 
 def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registry: MappingRegistry,
