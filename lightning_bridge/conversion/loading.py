@@ -95,16 +95,20 @@ def load_hf_weights(
 ) -> list[str]:
     """Copy this rank's slice of every HF tensor into the parameters of ``chunks``.
 
-    Every parameter is overwritten whole (a parameter without a mapping is an error), so the
-    chunks may be built without random initialisation. Returns the global names of the
-    parameters written: all of them.
+    Every parameter is overwritten whole (a parameter without a mapping, or a converted tensor of
+    another shape, is an error), so the chunks may be built without random initialisation. The
+    mappings write fused tensors (q/k/v, gate/up) straight into the parameter, without a full copy.
+    Returns the global names of the parameters written: all of them.
     """
     loads = _plan_loads(chunks, source, registry, ctx)
     progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
     with progress, torch.no_grad():
         for load, hf_tensors in _read_ahead(source, loads):
-            full = load.mapping.to_megatron(hf_tensors, ctx)
-            load.param.copy_(load.mapping.shard(full, load.tp_rank, load.tp_size))
+            try:
+                load.mapping.load_shard(load.param, hf_tensors, ctx, load.tp_rank, load.tp_size)
+            except ValueError as exc:
+                raise ValueError(f"Loading Megatron parameter {load.name!r} from {', '.join(load.hf_names)}: "
+                                 f"{exc}") from None
             logger.debug("loaded %s <- %s (%s)", load.name, ", ".join(load.hf_names), load.mapping.kind)
             progress.update()
     return [load.name for load in loads]
