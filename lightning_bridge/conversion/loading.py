@@ -36,7 +36,12 @@ READ_THREADS = 4
 
 
 class TensorSource(Protocol):
-    """What loading needs of a checkpoint: names, shapes and lazily read tensors."""
+    """What loading needs of a checkpoint: names, shapes and lazily read tensors.
+
+    A source may also have ``release(name)``, called once a tensor has been copied into the model,
+    to free what reading it holds (:class:`~lightning_bridge.hf_io.HFCheckpointReader` drops its
+    memory-mapped pages, so a CPU load peaks near the model's size, not twice it).
+    """
 
     def names(self) -> list[str]: ...
 
@@ -101,6 +106,7 @@ def load_hf_weights(
     Returns the global names of the parameters written: all of them.
     """
     loads = _plan_loads(chunks, source, registry, ctx)
+    release = getattr(source, "release", lambda name: None)
     progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
     with progress, torch.no_grad():
         for load, hf_tensors in _read_ahead(source, loads):
@@ -109,6 +115,9 @@ def load_hf_weights(
             except ValueError as exc:
                 raise ValueError(f"Loading Megatron parameter {load.name!r} from {', '.join(load.hf_names)}: "
                                  f"{exc}") from None
+            del hf_tensors
+            for hf_name in load.hf_names:
+                release(hf_name)
             logger.debug("loaded %s <- %s (%s)", load.name, ", ".join(load.hf_names), load.mapping.kind)
             progress.update()
     return [load.name for load in loads]

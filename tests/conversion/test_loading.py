@@ -178,3 +178,28 @@ def test_a_mapping_that_converts_to_another_shape_is_refused_not_broadcast(llama
                                          r"model\.norm\.weight: the converted tensor has shape \(1,\) but the "
                                          r"Megatron parameter has \(64,\).*Please report it"):
         load_hf_weights(chunks, HFCheckpointReader(llama), broken, ctx)
+
+
+def test_every_tensor_read_is_released_once_copied(llama):
+    bridge = AutoBridge.from_hf_pretrained(llama)
+    provider = bridge.to_megatron_provider()
+    chunks = provider(load_weights=False)
+    reader = HFCheckpointReader(llama)
+    events = []
+
+    class Releasing(HFCheckpointReader):  # the real reader, remembering reads and releases in order
+        def get(self, name, device="cpu"):
+            events.append(("read", name))
+            return super().get(name, device)
+
+        def release(self, name):
+            events.append(("released", name))
+            super().release(name)
+
+    ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+    load_hf_weights(chunks, Releasing(llama), bridge.mapping_registry(), ctx)
+    read = [name for event, name in events if event == "read"]
+    released = [name for event, name in events if event == "released"]
+    assert sorted(read) == sorted(released) == sorted(reader.names())
+    # each released after it was read (and copied)
+    assert all(events.index(("read", name)) < events.index(("released", name)) for name in read)
