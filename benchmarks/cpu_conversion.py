@@ -191,8 +191,8 @@ def _report(figures: dict) -> None:
         ("save", "save_hf_weights + os.sync", figures["save_s"],
          "save_file + os.sync", figures["save_floor_s"], "save_ratio"),
     ]
-    print(f"checkpoint: {figures['shapes']} shapes, {figures['checkpoint_gb']} GB in {figures['files']} file(s); "
-          f"{figures['cpu_threads']} CPU threads")
+    print(f"checkpoint: {figures['shapes']} shapes, {figures['checkpoint_gb']} GB in {figures['files']} "
+          f"file(s); {figures['cpu_threads']} CPU threads")
     for step, ours_label, ours, floor_label, floor, key in rows:
         verdict = "met" if figures[key] <= GOALS[key] else "MISSED"
         print(f"{step:>7}: {ours_label} {ours} s vs {floor_label} {floor} s -> {figures[key]}x "

@@ -246,8 +246,9 @@ class HFCheckpointReader:
         begin, end = (int(offset) for offset in entry["data_offsets"])
         expected = math.prod(entry["shape"]) * dtype.itemsize
         if end - begin != expected:
-            raise _corrupt(self.folder / file, f"tensor {name!r} has {end - begin} bytes for shape "
-                                               f"{list(entry['shape'])} of {entry['dtype']}, which needs {expected}")
+            shape = list(entry["shape"])
+            raise _corrupt(self.folder / file, f"tensor {name!r} has {end - begin} bytes for shape {shape} "
+                                               f"of {entry['dtype']}, which needs {expected}")
         return self._data_start[file] + begin, end - begin
 
     def _mapped(self, file: str) -> MappedFile:

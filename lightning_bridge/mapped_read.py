@@ -40,7 +40,8 @@ class MappedFile:
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
         self._advise(_WILLNEED, offset, nbytes)
-        return torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).view(shape)
+        flat = torch.frombuffer(self._map, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset)
+        return flat.view(shape)
 
     def release(self, offset: int, nbytes: int) -> None:
         """Drop the pages of this range from the process (not from the page cache); views of it

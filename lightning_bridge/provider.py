@@ -51,7 +51,8 @@ class WeightLoader(Protocol):
     the provider checks are all of them.
     """
 
-    def __call__(self, chunks: list[torch.nn.Module], provider: GPTModelProvider) -> Collection[str] | None: ...
+    def __call__(self, chunks: list[torch.nn.Module],
+                 provider: GPTModelProvider) -> Collection[str] | None: ...
 
 
 # Changes a freshly built chunk where a family differs from GPTModel outside the layer spec
@@ -265,7 +266,8 @@ class GPTModelProvider(TransformerConfig):
 def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
     """Refuse chunks built without initialisation that the loader did not fill completely."""
     written = set(loaded or ())
-    missing = sorted(name for chunk in chunks for name, _ in global_named_parameters(chunk) if name not in written)
+    names = [name for chunk in chunks for name, _ in global_named_parameters(chunk)]
+    missing = sorted(name for name in names if name not in written)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise RuntimeError(

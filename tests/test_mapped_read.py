@@ -41,7 +41,8 @@ def test_every_dtype_and_shape_reads_bitwise_on_the_cpu(checkpoint):
         for name in reader.names():
             got, expected = reader.get(name), f.get_tensor(name)
             assert got.dtype == expected.dtype and got.shape == expected.shape, name
-            assert torch.equal(got.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+            as_bytes = [tensor.reshape(-1).view(torch.uint8) for tensor in (got, expected)]
+            assert torch.equal(*as_bytes), name
 
 
 def test_writing_to_a_read_tensor_never_changes_the_file(checkpoint):
@@ -64,7 +65,8 @@ def _resident_bytes() -> int:
 
 
 def test_released_pages_leave_the_process_and_views_stay_readable(tmp_path):
-    data = torch.randint(0, 256, (64 * MB + 3,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 256, (64 * MB + 3,), dtype=torch.uint8, generator=generator)
     (tmp_path / "data.bin").write_bytes(data.numpy().tobytes())
     mapped = MappedFile(tmp_path / "data.bin")
     view = mapped.tensor(3, 64 * MB, torch.uint8, (64 * MB,))  # an offset not on a page boundary

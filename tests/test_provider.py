@@ -196,7 +196,8 @@ def count_initialisations(provider: GPTModelProvider) -> CountingInit:
 
 
 @pytest.mark.parametrize("wrap_with_ddp", [False, True], ids=["plain", "ddp-as-the-strategy-builds"])
-def test_loading_a_checkpoint_skips_random_initialisation_and_loads_every_parameter(checkpoint, wrap_with_ddp):
+def test_loading_a_checkpoint_skips_random_initialisation_and_loads_every_parameter(checkpoint,
+                                                                                   wrap_with_ddp):
     bridge = AutoBridge.from_hf_pretrained(checkpoint)
     provider = bridge.to_megatron_provider()
     assert provider.loader_fills_every_parameter() and not provider.loader_fills_every_parameter(False)

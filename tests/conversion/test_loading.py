@@ -171,12 +171,13 @@ def test_a_mapping_that_converts_to_another_shape_is_refused_not_broadcast(llama
     bridge = AutoBridge.from_hf_pretrained(llama)
     provider = bridge.to_megatron_provider()
     chunks = provider(load_weights=False)
-    broken = MappingRegistry([OneValue(m.megatron, m.hf) if m.megatron == "decoder.final_layernorm.weight" else m
+    norm = "decoder.final_layernorm.weight"
+    broken = MappingRegistry([OneValue(m.megatron, m.hf) if m.megatron == norm else m
                               for m in bridge.mapping_registry().get_all_mappings()])
     ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
-    with pytest.raises(ValueError, match=r"Loading Megatron parameter 'decoder\.final_layernorm\.weight' from "
-                                         r"model\.norm\.weight: the converted tensor has shape \(1,\) but the "
-                                         r"Megatron parameter has \(64,\).*Please report it"):
+    with pytest.raises(ValueError, match=r"Loading Megatron parameter 'decoder\.final_layernorm\.weight' "
+                                         r"from model\.norm\.weight: the converted tensor has shape \(1,\) "
+                                         r"but the Megatron parameter has \(64,\).*Please report it"):
         load_hf_weights(chunks, HFCheckpointReader(llama), broken, ctx)
 
 
