@@ -11,9 +11,10 @@ changed freely in between::
     chunks = provider(wrap_with_ddp=False)
 
 When the provider's ``weight_loader`` overwrites every parameter (the bridge's loader from an HF
-checkpoint does), the chunks are built without Megatron's random initialisation: drawing every
-weight at random only to overwrite it was 90% of a CPU import. Without a loader, or with
-``load_weights=False``, the model is initialised exactly as Megatron does.
+checkpoint does), the chunks are built without drawing Megatron's random weights (see
+:mod:`~lightning_bridge.skip_init`): drawing every weight only to overwrite it was 90% of a CPU
+import. Without a loader, or with ``load_weights=False``, the model is initialised exactly as
+Megatron does.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -35,6 +36,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from lightning_bridge.conversion.parallel import global_named_parameters
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.runtime import cpu as cpu_runtime
+from lightning_bridge.skip_init import skip_weight_initialisation
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,9 @@ class WeightLoader(Protocol):
 
     Any callable will do; the model is then randomly initialised before it runs. A loader that
     overwrites *every* parameter may say so with a true ``fills_every_parameter`` attribute: the
-    provider then builds the chunks without random initialisation (their memory is uninitialised
-    until loaded), and the loader must return the global names of the parameters it wrote, which
-    the provider checks are all of them.
+    provider then builds the chunks without drawing their random weights (that memory is
+    uninitialised until loaded), and the loader must return the global names of the parameters it
+    wrote, which the provider checks are all of them.
     """
 
     def __call__(self, chunks: list[torch.nn.Module],
@@ -155,7 +157,7 @@ class GPTModelProvider(TransformerConfig):
         vp_size = self.virtual_pipeline_model_parallel_size
         stages = range(vp_size) if vp_size else [None]
         skip_initialization = self.loader_fills_every_parameter(load_weights)
-        with self._initialization_skipped(skip_initialization):
+        with skip_weight_initialisation() if skip_initialization else contextlib.nullcontext():
             chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
         if torch.cuda.is_available():
             chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
@@ -173,22 +175,10 @@ class GPTModelProvider(TransformerConfig):
 
     def loader_fills_every_parameter(self, load_weights: bool = True) -> bool:
         """Whether a build with ``load_weights`` overwrites every parameter from a checkpoint, so
-        Megatron's random initialisation is skipped (see :class:`WeightLoader`)."""
+        Megatron's random weights are not drawn (see :class:`WeightLoader`)."""
         return load_weights and bool(getattr(self.weight_loader, "fills_every_parameter", False))
 
     # ---------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _initialization_skipped(self, skip: bool) -> Iterator[None]:
-        """Megatron's ``perform_initialization=False`` while the chunks are built, when ``skip``."""
-        if not skip or not self.perform_initialization:
-            yield
-            return
-        self.perform_initialization = False
-        try:
-            yield
-        finally:
-            self.perform_initialization = True
-
     def _check_parallel_sizes(self) -> None:
         tp = self.tensor_model_parallel_size
         groups = self.num_query_groups or self.num_attention_heads

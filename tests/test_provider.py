@@ -212,6 +212,20 @@ def test_loading_a_checkpoint_skips_random_initialisation_and_loads_every_parame
         assert torch.equal(params[name].detach(), tensor), name
 
 
+def test_a_build_without_initialisation_keeps_megatrons_tensor_parallel_marks(checkpoint):
+    """megatron-core 0.16 marks a weight tensor-parallel only while drawing it; without the marks
+    the gradient norm at TP > 1 would count TP rank 0's shards only."""
+    bridge = AutoBridge.from_hf_pretrained(checkpoint)
+    marks = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    builds = [dict(global_named_parameters(bridge.to_megatron_provider()(load_weights=load)[0]))
+              for load in (True, False)]
+    loaded, initialised = ({name: tuple(getattr(p, mark, None) for mark in marks) for name, p in build.items()}
+                           for build in builds)
+    assert loaded == initialised
+    assert loaded["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)  # gate/up: stride 2
+    assert loaded["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1, 1)
+
+
 def test_models_without_checkpoint_weights_are_initialised_as_megatron_does(checkpoint):
     from_checkpoint = AutoBridge.from_hf_pretrained(checkpoint)
     from_config = AutoBridge.from_hf_config(from_checkpoint.hf_config)
