@@ -46,14 +46,18 @@ def llama_config(shapes: str, dtype: torch.dtype = torch.bfloat16) -> transforme
 
 
 def random_checkpoint(shapes: str, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write (once) a random-weight HF checkpoint of ``shapes``; built on the GPU when there is one."""
+    """Write (once) a random-weight HF checkpoint of ``shapes``; built on the GPU when there is one.
+
+    The model is built in ``dtype`` directly (not in float32 then cast), so a CPU needs about the
+    checkpoint's size in memory, not three times it.
+    """
     folder = Path(folder)
     if (folder / "config.json").is_file():
         return folder
     device = "cuda" if torch.cuda.is_available() else "cpu"
     start = time.perf_counter()
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(llama_config(shapes, dtype)).to(dtype)
+        model = transformers.AutoModelForCausalLM.from_config(llama_config(shapes, dtype), dtype=dtype)
     tmp = folder.with_name(folder.name + ".tmp")
     model.save_pretrained(tmp)
     os.rename(tmp, folder)

@@ -18,7 +18,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -149,7 +149,7 @@ class AutoBridge:
             overrides["attention_backend"] = self.attention_backend
         provider = self._model_bridge.provider(**overrides)
         if load_weights and self._source is not None:
-            provider.weight_loader = lambda chunks, p: self.load_hf_weights(chunks, p, show_progress=show_progress)
+            provider.weight_loader = _HFWeightLoader(self, show_progress)
         return provider
 
     def to_megatron_model(self, wrap_with_ddp: bool = False, show_progress: bool = True,
@@ -164,8 +164,10 @@ class AutoBridge:
         return provider(wrap_with_ddp=wrap_with_ddp)
 
     def load_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
-                        provider: GPTModelProvider | None = None, show_progress: bool = False) -> None:
-        """Copy the HF checkpoint's weights into already built Megatron chunks (this rank's slice)."""
+                        provider: GPTModelProvider | None = None, show_progress: bool = False) -> list[str]:
+        """Copy the HF checkpoint's weights into already built Megatron chunks (this rank's slice).
+
+        Every parameter is overwritten; returns their global names."""
         chunks = _as_chunks(model)
         provider = provider or _provider_of(chunks)
         reader = self.checkpoint_reader()
@@ -173,7 +175,7 @@ class AutoBridge:
         expected = registry.expected_hf_names(self._model_bridge.wildcard_ranges())
         check_checkpoint_names(reader, registry, expected, self._model_bridge.ignored_hf_patterns)
         show_progress = show_progress and dist.get_rank() == 0
-        load_hf_weights(chunks, reader, registry, self._context(provider), show_progress=show_progress)
+        return load_hf_weights(chunks, reader, registry, self._context(provider), show_progress=show_progress)
 
     # --- HF side ----------------------------------------------------------------------------
     def export_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
@@ -360,6 +362,19 @@ class AutoBridge:
 
 class CausalLMBridge(AutoBridge):
     """The bridge for causal language models (every family supported today is one)."""
+
+
+@dataclasses.dataclass
+class _HFWeightLoader:
+    """A provider's weight loader reading the bridge's HF checkpoint. It overwrites every parameter
+    (or raises), so the provider builds the model without random initialisation."""
+
+    bridge: AutoBridge
+    show_progress: bool
+    fills_every_parameter: ClassVar[bool] = True
+
+    def __call__(self, chunks: list[torch.nn.Module], provider: GPTModelProvider) -> list[str]:
+        return self.bridge.load_hf_weights(chunks, provider, show_progress=self.show_progress)
 
 
 class _Everything(dict):

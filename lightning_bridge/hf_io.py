@@ -12,16 +12,18 @@ import re
 import secrets
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NoReturn
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from lightning_bridge.mapped_read import MappedFile
 from lightning_bridge.pinned_read import read_to_device
 from lightning_bridge.safetensors_stream import DTYPE_CODES, StreamedSafetensorsFile
 
@@ -112,7 +114,8 @@ class HFCheckpointReader:
         self.has_index, self.metadata = False, {}
         self._headers: dict[str, dict[str, dict]] = {}  # safetensors file -> name -> header entry
         self._pickled: dict[str, dict[str, torch.Tensor]] | None = None  # .bin file -> state dict
-        self._handles: dict[str, object] = {}
+        self._maps: dict[str, MappedFile] = {}  # safetensors file -> its memory map, for CPU reads
+        self._maps_lock = threading.Lock()  # reader threads map a file once
         self._data_start: dict[str, int] = {}  # safetensors file -> offset of its first tensor byte
         single, index = self.folder / SAFE_WEIGHTS_NAME, self.folder / SAFE_WEIGHTS_INDEX_NAME
         if single.is_file():  # transformers prefers the single file too
@@ -212,39 +215,51 @@ class HFCheckpointReader:
         """Read one tensor onto ``device``, opening (and caching) its file on first use.
 
         Onto a CUDA device the bytes go through pinned buffers (:mod:`~lightning_bridge.pinned_read`),
-        several times faster than copying the memory map; elsewhere the tensor is the memory map's.
+        several times faster than copying the memory map; elsewhere the tensor is a view of the
+        file's private memory map (:mod:`~lightning_bridge.mapped_read`): writable, and writes never
+        reach the file. Call :meth:`release` when done with it to keep resident memory low.
         """
         file = self._file(name)
         if self._pickled is not None:
             return self._load_pickled(file)[name].to(device, copy=True)
         device = torch.device(device)
+        offset, nbytes = self._byte_range(name, file)
+        dtype, shape = self.dtype(name), self._headers[file][name]["shape"]
         if device.type == "cuda":
-            return self._read_to_cuda(name, file, device)
-        try:
-            if file not in self._handles:
-                self._handles[file] = safe_open(self.folder / file, framework="pt", device="cpu")
-            tensor = self._handles[file].get_tensor(name)
-        except SafetensorError as exc:
-            raise _corrupt(self.folder / file, str(exc)) from None
-        return tensor.to(device)
+            try:
+                data = read_to_device(self.folder / file, offset, nbytes, device)
+            except EOFError as exc:
+                raise _corrupt(self.folder / file, str(exc)) from None
+            return data.view(dtype).view(shape)
+        return self._mapped(file).tensor(offset, nbytes, dtype, shape).to(device)
 
-    def _read_to_cuda(self, name: str, file: str, device: torch.device) -> torch.Tensor:
-        path = self.folder / file
+    def release(self, name: str) -> None:
+        """Done with tensor ``name`` for now: drop its memory-mapped pages from this process's
+        resident memory (they stay in the page cache; a later :meth:`get` reads them again)."""
+        file = self._file(name)
+        if self._pickled is None and file in self._maps:
+            self._maps[file].release(*self._byte_range(name, file))
+
+    def _byte_range(self, name: str, file: str) -> tuple[int, int]:
+        """Where the tensor's bytes lie in its file: (offset, length), checked against its shape."""
         entry, dtype = self._headers[file][name], self.dtype(name)
         begin, end = (int(offset) for offset in entry["data_offsets"])
         expected = math.prod(entry["shape"]) * dtype.itemsize
         if end - begin != expected:
-            raise _corrupt(path, f"tensor {name!r} has {end - begin} bytes for shape {list(entry['shape'])} "
-                                 f"of {entry['dtype']}, which needs {expected}")
-        try:
-            data = read_to_device(path, self._data_start[file] + begin, end - begin, device)
-        except EOFError as exc:
-            raise _corrupt(path, str(exc)) from None
-        return data.view(dtype).view(entry["shape"])
+            shape = list(entry["shape"])
+            raise _corrupt(self.folder / file, f"tensor {name!r} has {end - begin} bytes for shape {shape} "
+                                               f"of {entry['dtype']}, which needs {expected}")
+        return self._data_start[file] + begin, end - begin
+
+    def _mapped(self, file: str) -> MappedFile:
+        with self._maps_lock:
+            if file not in self._maps:
+                self._maps[file] = MappedFile(self.folder / file)
+            return self._maps[file]
 
     def close(self) -> None:
-        """Drop the cached file handles and memory maps."""
-        self._handles.clear()
+        """Drop the cached memory maps (tensors read from them stay valid)."""
+        self._maps.clear()
         if self._pickled:
             self._pickled.clear()
 

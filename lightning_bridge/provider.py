@@ -9,16 +9,23 @@ changed freely in between::
     provider.tensor_model_parallel_size = 2
     provider.sequence_parallel = True
     chunks = provider(wrap_with_ddp=False)
+
+When the provider's ``weight_loader`` overwrites every parameter (the bridge's loader from an HF
+checkpoint does), the chunks are built without drawing Megatron's random weights (see
+:mod:`~lightning_bridge.skip_init`): drawing every weight only to overwrite it was 90% of a CPU
+import. Without a loader, or with ``load_weights=False``, the model is initialised exactly as
+Megatron does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,15 +41,32 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from lightning_bridge.attention import core_attention_spec, resolve_backend
+from lightning_bridge.conversion.parallel import global_named_parameters
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.norms import TorchNorm
 from lightning_bridge.rotary import use_position_ids
 from lightning_bridge.runtime import cpu as cpu_runtime
+from lightning_bridge.skip_init import skip_weight_initialisation
 
 logger = logging.getLogger(__name__)
 
 LayerSpecFn = Callable[["GPTModelProvider"], ModuleSpec]
-WeightLoader = Callable[[list[torch.nn.Module], "GPTModelProvider"], None]
+
+
+class WeightLoader(Protocol):
+    """Fills freshly built model chunks with weights: ``loader(chunks, provider)``.
+
+    Any callable will do; the model is then randomly initialised before it runs. A loader that
+    overwrites *every* parameter may say so with a true ``fills_every_parameter`` attribute: the
+    provider then builds the chunks without drawing their random weights (that memory is
+    uninitialised until loaded), and the loader must return the global names of the parameters it
+    wrote, which the provider checks are all of them.
+    """
+
+    def __call__(self, chunks: list[torch.nn.Module],
+                 provider: GPTModelProvider) -> Collection[str] | None: ...
+
+
 # Changes a freshly built chunk where a family differs from GPTModel outside the layer spec
 # (an output-layer bias, soft-capped final logits); runs before weights load.
 ModelHook = Callable[[GPTModel, "GPTModelProvider"], None]
@@ -178,11 +202,15 @@ class GPTModelProvider(TransformerConfig):
         mcore_random.model_parallel_cuda_manual_seed(self.seed)  # same seed, same random init
         vp_size = self.virtual_pipeline_model_parallel_size
         stages = range(vp_size) if vp_size else [None]
-        chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
+        skip_initialization = self.loader_fills_every_parameter(load_weights)
+        with skip_weight_initialisation() if skip_initialization else contextlib.nullcontext():
+            chunks: list[torch.nn.Module] = [self.provide(vp_stage=stage) for stage in stages]
         if torch.cuda.is_available():
             chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
         if load_weights and self.weight_loader is not None:
-            self.weight_loader(chunks, self)
+            loaded = self.weight_loader(chunks, self)
+            if skip_initialization:
+                _check_every_parameter_loaded(chunks, loaded)
         if self.fp16 or self.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -190,6 +218,11 @@ class GPTModelProvider(TransformerConfig):
         if wrap_with_ddp:
             chunks = self._wrap_with_ddp(chunks, ddp_config)
         return chunks
+
+    def loader_fills_every_parameter(self, load_weights: bool = True) -> bool:
+        """Whether a build with ``load_weights`` overwrites every parameter from a checkpoint, so
+        Megatron's random weights are not drawn (see :class:`WeightLoader`)."""
+        return load_weights and bool(getattr(self.weight_loader, "fills_every_parameter", False))
 
     # ---------------------------------------------------------------------------------------
     def _check_parallel_sizes(self) -> None:
@@ -270,6 +303,21 @@ class GPTModelProvider(TransformerConfig):
     def transformer_config_fields(self) -> dict[str, Any]:
         """The ``TransformerConfig`` fields and their current values."""
         return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+
+
+def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
+    """Refuse chunks built without initialisation that the loader did not fill completely."""
+    written = set(loaded or ())
+    names = [name for chunk in chunks for name, _ in global_named_parameters(chunk)]
+    missing = sorted(name for name in names if name not in written)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise RuntimeError(
+            f"The weight loader did not write the parameters {shown}. The model was built without random "
+            "initialisation because the loader declared fills_every_parameter, so they hold uninitialised "
+            "memory. Make the loader write every parameter and return their names, or drop its "
+            "fills_every_parameter attribute so the model is initialised first."
+        )
 
 
 def _define_missing_te_gemm() -> None:

@@ -177,6 +177,102 @@ def test_provider_without_weight_loader_builds_a_random_model():
     assert first["embedding.word_embeddings.weight"].shape == (128, 64)
 
 
+# --- random initialisation: skipped when a checkpoint overwrites every parameter -----------------------
+class CountingInit:
+    """An init method (Megatron calls it for every weight it draws) that counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.nn.init.normal_(tensor, std=0.02)
+
+
+def count_initialisations(provider: GPTModelProvider) -> CountingInit:
+    counting = CountingInit()
+    provider.init_method = provider.output_layer_init_method = provider.embedding_init_method = counting
+    return counting
+
+
+@pytest.mark.parametrize("wrap_with_ddp", [False, True], ids=["plain", "ddp-as-the-strategy-builds"])
+def test_loading_a_checkpoint_skips_random_initialisation_and_loads_every_parameter(checkpoint,
+                                                                                   wrap_with_ddp):
+    bridge = AutoBridge.from_hf_pretrained(checkpoint)
+    provider = bridge.to_megatron_provider()
+    assert provider.loader_fills_every_parameter() and not provider.loader_fills_every_parameter(False)
+    counting = count_initialisations(provider)
+    chunks = provider(wrap_with_ddp=wrap_with_ddp)
+    assert counting.calls == 0
+    assert provider.perform_initialization is True  # only the build skipped it
+    params = dict(global_named_parameters(chunks[0]))
+    expected = expected_megatron_tensors(bridge, checkpoint, provider)
+    assert set(params) == set(expected)  # every parameter comes from the checkpoint ...
+    for name, tensor in expected.items():  # ... and holds exactly its values, padding rows zero
+        assert torch.equal(params[name].detach(), tensor), name
+
+
+def test_a_build_without_initialisation_keeps_megatrons_tensor_parallel_marks(checkpoint):
+    """megatron-core 0.16 marks a weight tensor-parallel only while drawing it; without the marks
+    the gradient norm at TP > 1 would count TP rank 0's shards only."""
+    bridge = AutoBridge.from_hf_pretrained(checkpoint)
+    marks = ("tensor_model_parallel", "partition_dim", "partition_stride")
+    builds = [dict(global_named_parameters(bridge.to_megatron_provider()(load_weights=load)[0]))
+              for load in (True, False)]
+    loaded, initialised = ({name: tuple(getattr(p, mark, None) for mark in marks) for name, p in build.items()}
+                           for build in builds)
+    assert loaded == initialised
+    assert loaded["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)  # gate/up: stride 2
+    assert loaded["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1, 1)
+
+
+def test_models_without_checkpoint_weights_are_initialised_as_megatron_does(checkpoint):
+    from_checkpoint = AutoBridge.from_hf_pretrained(checkpoint)
+    from_config = AutoBridge.from_hf_config(from_checkpoint.hf_config)
+    builds = []
+    for provider, load_weights in [(from_config.to_megatron_provider(), True),
+                                   (from_checkpoint.to_megatron_provider(load_weights=False), True),
+                                   (from_checkpoint.to_megatron_provider(), False)]:
+        assert not provider.loader_fills_every_parameter(load_weights)
+        counting = count_initialisations(provider)
+        builds.append(dict(global_named_parameters(provider(load_weights=load_weights)[0])))
+        assert counting.calls == sum(p.dim() == 2 for p in builds[-1].values())  # every weight matrix drawn
+    first = builds[0]
+    for other in builds[1:]:  # same seed, same values: nothing of the checkpoint in them
+        assert all(torch.equal(first[name], other[name]) for name in first)
+    reader = HFCheckpointReader(checkpoint)
+    assert not torch.equal(first["decoder.layers.0.mlp.linear_fc2.weight"],
+                           reader.get("model.layers.0.mlp.down_proj.weight"))
+
+
+def test_a_loader_that_does_not_say_it_fills_everything_gets_an_initialised_model():
+    provider = small()
+    counting = count_initialisations(provider)
+    provider.weight_loader = lambda chunks, p: ["decoder.final_layernorm.weight"]
+    provider()
+    assert counting.calls > 0
+
+
+def test_a_loader_that_promised_every_parameter_but_missed_some_is_refused():
+    class PartialLoader:
+        fills_every_parameter = True
+
+        def __call__(self, chunks, provider):
+            params = dict(global_named_parameters(chunks[0]))
+            params["decoder.final_layernorm.weight"].data.fill_(1.0)
+            return ["decoder.final_layernorm.weight"]
+
+    provider = small()
+    provider.weight_loader = PartialLoader()
+    counting = count_initialisations(provider)
+    with pytest.raises(RuntimeError, match=r"did not write the parameters decoder\.final_layernorm\.bias, "
+                                           r"decoder\.layers\.0\.[\w., ]+\.\.\. \(\d+ in all\).*"
+                                           r"uninitialised memory.*fills_every_parameter") as raised:
+        provider()
+    assert "decoder.final_layernorm.weight" not in str(raised.value)
+    assert counting.calls == 0 and provider.perform_initialization is True
+
+
 def test_the_seed_makes_random_models_reproducible():
     initialize_model_parallel()  # as after any earlier model in this process
     a = dict(global_named_parameters(small(seed=5)()[0]))

@@ -36,7 +36,12 @@ READ_THREADS = 4
 
 
 class TensorSource(Protocol):
-    """What loading needs of a checkpoint: names, shapes and lazily read tensors."""
+    """What loading needs of a checkpoint: names, shapes and lazily read tensors.
+
+    A source may also have ``release(name)``, called once a tensor has been copied into the model,
+    to free what reading it holds (:class:`~lightning_bridge.hf_io.HFCheckpointReader` drops its
+    memory-mapped pages, so a CPU load peaks near the model's size, not twice it).
+    """
 
     def names(self) -> list[str]: ...
 
@@ -92,16 +97,30 @@ def load_hf_weights(
     ctx: ConversionContext,
     *,
     show_progress: bool = False,
-) -> None:
-    """Copy this rank's slice of every HF tensor into the parameters of ``chunks``."""
+) -> list[str]:
+    """Copy this rank's slice of every HF tensor into the parameters of ``chunks``.
+
+    Every parameter is overwritten whole (a parameter without a mapping, or a converted tensor of
+    another shape, is an error), so the chunks may be built without random initialisation. The
+    mappings write fused tensors (q/k/v, gate/up) straight into the parameter, without a full copy.
+    Returns the global names of the parameters written: all of them.
+    """
     loads = _plan_loads(chunks, source, registry, ctx)
+    release = getattr(source, "release", lambda name: None)
     progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
     with progress, torch.no_grad():
         for load, hf_tensors in _read_ahead(source, loads):
-            full = load.mapping.to_megatron(hf_tensors, ctx)
-            load.param.copy_(load.mapping.shard(full, load.tp_rank, load.tp_size))
+            try:
+                load.mapping.load_shard(load.param, hf_tensors, ctx, load.tp_rank, load.tp_size)
+            except ValueError as exc:
+                raise ValueError(f"Loading Megatron parameter {load.name!r} from {', '.join(load.hf_names)}: "
+                                 f"{exc}") from None
+            del hf_tensors
+            for hf_name in load.hf_names:
+                release(hf_name)
             logger.debug("loaded %s <- %s (%s)", load.name, ", ".join(load.hf_names), load.mapping.kind)
             progress.update()
+    return [load.name for load in loads]
 
 
 def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registry: MappingRegistry,

@@ -8,6 +8,10 @@ number. Each kind knows four things, and nothing about any model family:
 - ``to_hf``: the full Megatron tensor -> the HF tensors, the exact inverse;
 - ``shard`` / ``gather``: the full Megatron tensor <-> this tensor-parallel rank's slice.
 
+Loading uses ``load_shard``, by definition ``shard(to_megatron(...))`` copied into the parameter;
+the fusing kinds write their parts straight into the parameter instead, so no full tensor is
+built (on a CPU that temporary cost as much as the copy itself).
+
 Every conversion is a pure re-arrangement of values (concatenation, slicing, padding), so a
 round trip is bitwise exact.
 """
@@ -81,6 +85,16 @@ class WeightMapping:
             return shards[0]
         return torch.cat(list(shards), dim=self.tp_dim)
 
+    def load_shard(self, param: torch.Tensor, hf_tensors: Sequence[torch.Tensor], ctx: ConversionContext,
+                   tp_rank: int, tp_size: int) -> None:
+        """Overwrite ``param`` with ``shard(to_megatron(hf_tensors), tp_rank, tp_size)``, all of it."""
+        _copy_whole(param, self.shard(self.to_megatron(hf_tensors, ctx), tp_rank, tp_size))
+
+    def _parts(self, hf_tensors: Sequence[torch.Tensor], ctx: ConversionContext) -> list[torch.Tensor]:
+        """The HF tensors as the parts a fusing kind writes in place (q, k, v; gate, up): split
+        when HF fuses them, transposed when HF stores ``Conv1D`` weights."""
+        return list(hf_tensors)
+
     def __str__(self) -> str:
         return f"{self.kind:>10}: {self.megatron} <- {', '.join(self.hf_patterns)}"
 
@@ -126,6 +140,18 @@ class VocabParallel(WeightMapping):
     def to_hf(self, megatron_tensor, ctx):
         return [megatron_tensor[: ctx.vocab_size]]
 
+    def load_shard(self, param, hf_tensors, ctx, tp_rank, tp_size):
+        (tensor,) = hf_tensors
+        if tensor.shape[0] > ctx.padded_vocab_size or ctx.padded_vocab_size % tp_size:
+            super().load_shard(param, hf_tensors, ctx, tp_rank, tp_size)  # its error, or its uneven split
+            return
+        rows = ctx.padded_vocab_size // tp_size
+        first = tp_rank * rows
+        real = max(0, min(tensor.shape[0] - first, rows))  # rows of this shard that are not padding
+        _check_shape(param, (rows, *tensor.shape[1:]))
+        _copy_whole(param[:real], tensor[first:first + real])
+        param[real:].zero_()
+
 
 class QKV(WeightMapping):
     """Separate q, k, v projections <-> Megatron's fused ``linear_qkv``, grouped per KV head.
@@ -155,6 +181,22 @@ class QKV(WeightMapping):
         grouped = megatron_tensor.reshape(groups, (per_group + 2) * head_dim, *rest)
         q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
         return [t.reshape(-1, *rest) for t in (q, k, v)]
+
+    def load_shard(self, param, hf_tensors, ctx, tp_rank, tp_size):
+        groups, per_group = ctx.num_query_groups, ctx.num_attention_heads // ctx.num_query_groups
+        if groups % tp_size or not param.is_contiguous():
+            super().load_shard(param, hf_tensors, ctx, tp_rank, tp_size)
+            return
+        q, k, v = self._parts(hf_tensors, ctx)
+        head_dim, rest = ctx.kv_channels, q.shape[1:]
+        local = groups // tp_size  # tensor parallelism splits whole query groups
+        mine = slice(tp_rank * local, (tp_rank + 1) * local)
+        _check_shape(param, (local * (per_group + 2) * head_dim, *rest))
+        q_rows, k_rows, v_rows = param.view(local, (per_group + 2) * head_dim, *rest).split(
+            [per_group * head_dim, head_dim, head_dim], dim=1)
+        _copy_whole(q_rows, q.reshape(groups, per_group * head_dim, *rest)[mine])
+        _copy_whole(k_rows, k.reshape(groups, head_dim, *rest)[mine])
+        _copy_whole(v_rows, v.reshape(groups, head_dim, *rest)[mine])
 
 
 class GatedMLP(WeightMapping):
@@ -186,6 +228,17 @@ class GatedMLP(WeightMapping):
         gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards))
         return torch.cat([*gates, *ups])
 
+    def load_shard(self, param, hf_tensors, ctx, tp_rank, tp_size):
+        gate, up = self._parts(hf_tensors, ctx)
+        if gate.shape[0] % tp_size or gate.shape != up.shape:
+            super().load_shard(param, hf_tensors, ctx, tp_rank, tp_size)
+            return
+        rows = gate.shape[0] // tp_size
+        _check_shape(param, (2 * rows, *gate.shape[1:]))
+        mine = slice(tp_rank * rows, (tp_rank + 1) * rows)
+        _copy_whole(param[:rows], gate[mine])
+        _copy_whole(param[rows:], up[mine])
+
 
 _PATTERN_CACHE: dict[str, re.Pattern[str]] = {}
 
@@ -196,6 +249,21 @@ def _compile(pattern: str) -> re.Pattern[str]:
         compiled = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)"))
         _PATTERN_CACHE[pattern] = compiled
     return compiled
+
+
+def _check_shape(param: torch.Tensor, shape: Sequence[int]) -> None:
+    if tuple(param.shape) != tuple(shape):
+        raise ValueError(
+            f"the converted tensor has shape {tuple(shape)} but the Megatron parameter has "
+            f"{tuple(param.shape)}: the family's mapping table is wrong for this configuration. "
+            "Please report it with your config.json."
+        )
+
+
+def _copy_whole(param: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``param.copy_(tensor)`` that refuses to broadcast: every element of ``param`` is written."""
+    _check_shape(param, tensor.shape)
+    param.copy_(tensor)
 
 
 def _fill(pattern: str, wildcards: Sequence[str]) -> str:
@@ -224,6 +292,10 @@ class FusedQKV(QKV):
     def to_hf(self, megatron_tensor, ctx):
         return [torch.cat(super().to_hf(megatron_tensor, ctx))]
 
+    def _parts(self, hf_tensors, ctx):
+        (fused,) = hf_tensors
+        return list(fused.split(_qkv_sizes(ctx)))
+
 
 class FusedGatedMLP(GatedMLP):
     """One HF tensor [gate; up] (Phi-3's ``gate_up_proj``) <-> ``linear_fc1``: the same layout.
@@ -240,6 +312,10 @@ class FusedGatedMLP(GatedMLP):
     def to_hf(self, megatron_tensor, ctx):
         return [megatron_tensor]
 
+    def _parts(self, hf_tensors, ctx):
+        (fused,) = hf_tensors
+        return list(fused.chunk(2, dim=0))
+
 
 class _TransposedHF:
     """HF stores the weight as [in, out] (GPT-2's ``Conv1D``), the transpose of ``nn.Linear``."""
@@ -249,6 +325,9 @@ class _TransposedHF:
 
     def to_hf(self, megatron_tensor, ctx):
         return [tensor.t() for tensor in super().to_hf(megatron_tensor, ctx)]
+
+    def _parts(self, hf_tensors, ctx):
+        return super()._parts([tensor.t() for tensor in hf_tensors], ctx)
 
 
 class TransposedColumnParallel(_TransposedHF, ColumnParallel):

@@ -159,3 +159,48 @@ def test_a_parameter_without_mapping_is_reported(llama):
     with pytest.raises(ValueError, match=r"No weight mapping for Megatron parameter "
                                          r"'decoder\.final_layernorm\.weight'.*Please report it"):
         load_hf_weights(chunks, HFCheckpointReader(llama), partial, ctx)
+
+
+def test_a_mapping_that_converts_to_another_shape_is_refused_not_broadcast(llama):
+    from lightning_bridge.conversion.mappings import Replicated
+
+    class OneValue(Replicated):  # copy_ would broadcast its one value over the whole parameter
+        def to_megatron(self, hf_tensors, ctx):
+            return hf_tensors[0][:1]
+
+    bridge = AutoBridge.from_hf_pretrained(llama)
+    provider = bridge.to_megatron_provider()
+    chunks = provider(load_weights=False)
+    norm = "decoder.final_layernorm.weight"
+    broken = MappingRegistry([OneValue(m.megatron, m.hf) if m.megatron == norm else m
+                              for m in bridge.mapping_registry().get_all_mappings()])
+    ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+    with pytest.raises(ValueError, match=r"Loading Megatron parameter 'decoder\.final_layernorm\.weight' "
+                                         r"from model\.norm\.weight: the converted tensor has shape \(1,\) "
+                                         r"but the Megatron parameter has \(64,\).*Please report it"):
+        load_hf_weights(chunks, HFCheckpointReader(llama), broken, ctx)
+
+
+def test_every_tensor_read_is_released_once_copied(llama):
+    bridge = AutoBridge.from_hf_pretrained(llama)
+    provider = bridge.to_megatron_provider()
+    chunks = provider(load_weights=False)
+    reader = HFCheckpointReader(llama)
+    events = []
+
+    class Releasing(HFCheckpointReader):  # the real reader, remembering reads and releases in order
+        def get(self, name, device="cpu"):
+            events.append(("read", name))
+            return super().get(name, device)
+
+        def release(self, name):
+            events.append(("released", name))
+            super().release(name)
+
+    ctx = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+    load_hf_weights(chunks, Releasing(llama), bridge.mapping_registry(), ctx)
+    read = [name for event, name in events if event == "read"]
+    released = [name for event, name in events if event == "released"]
+    assert sorted(read) == sorted(released) == sorted(reader.names())
+    # each released after it was read (and copied)
+    assert all(events.index(("read", name)) < events.index(("released", name)) for name in read)

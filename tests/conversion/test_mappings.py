@@ -227,3 +227,65 @@ def test_str_shows_kind_and_both_names():
                           "model.layers.*.mlp.gate_proj.weight, model.layers.*.mlp.up_proj.weight")
     assert str(VOCAB).split() == [
         "vocab:", "embedding.word_embeddings.weight", "<-", "model.embed_tokens.weight"]
+
+
+# --- load_shard: the loader's in-place path ------------------------------------------------------
+def every_kind() -> list[WeightMapping]:
+    """One mapping of every kind, HF names made up."""
+    from lightning_bridge.conversion import mappings as m
+
+    return [
+        m.WeightMapping("a.weight", "b.weight"), NORM, COLUMN, ROW, VOCAB, QKV_WEIGHT, QKV_BIAS, GATED,
+        m.FusedQKV("linear_qkv.weight", "qkv_proj.weight"),
+        m.FusedGatedMLP("linear_fc1.weight", "gate_up_proj.weight"),
+        m.TransposedColumnParallel("linear_fc1.weight", "c_fc.weight"),
+        m.TransposedRowParallel("linear_fc2.weight", "c_proj.weight"),
+        m.TransposedFusedQKV("linear_qkv.weight", "c_attn.weight"),
+    ]
+
+
+def all_subclasses(cls: type) -> set[type]:
+    return {sub for child in cls.__subclasses__() for sub in {child, *all_subclasses(child)}}
+
+
+def full_megatron_shape(mapping: WeightMapping, c: ConversionContext) -> tuple[int, ...]:
+    if isinstance(mapping, QKV):
+        rows = (c.num_attention_heads + 2 * c.num_query_groups) * c.kv_channels
+        return (rows,) if mapping is QKV_BIAS else (rows, c.hidden_size)
+    if isinstance(mapping, VocabParallel):
+        return (c.padded_vocab_size, c.hidden_size)
+    return (16, c.hidden_size)
+
+
+def test_every_kind_is_checked_by_the_load_shard_test():
+    from lightning_bridge.conversion import mappings as m
+
+    kinds = {cls for cls in all_subclasses(WeightMapping) if cls.__module__ == m.__name__}
+    assert kinds | {WeightMapping} == {type(mapping) for mapping in every_kind()}
+
+
+@pytest.mark.parametrize("mapping", every_kind(), ids=lambda m: m.kind)
+@pytest.mark.parametrize("heads,groups", [(8, 4), (8, 2), (8, 1)], ids=["gqa", "gqa2", "mqa"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_load_shard_writes_exactly_the_shard_of_the_converted_tensor(mapping, heads, groups, tp):
+    """Whatever path a kind takes (in place, or the full tensor when its split is uneven), every
+    element of the parameter is written, with the values of ``shard(to_megatron(...))``."""
+    c = ctx(heads, groups, head_dim=2, vocab=10, padded=16)
+    hf = mapping.to_hf(randn(*full_megatron_shape(mapping, c), seed=tp), c)
+    full = mapping.to_megatron(hf, c)
+    for rank in range(tp):
+        expected = mapping.shard(full, rank, tp)
+        param = torch.full(expected.shape, float("nan"))
+        mapping.load_shard(param, hf, c, rank, tp)
+        assert torch.equal(param, expected), (mapping.kind, rank)
+
+
+@pytest.mark.parametrize("mapping", [ROW, GATED, QKV_WEIGHT, VOCAB], ids=lambda m: m.kind)
+def test_load_shard_refuses_a_parameter_of_another_shape_instead_of_broadcasting(mapping):
+    c = ctx(8, 4, head_dim=2, vocab=10, padded=16)
+    hf = mapping.to_hf(randn(*full_megatron_shape(mapping, c)), c)
+    shape = list(mapping.to_megatron(hf, c).shape)
+    shape[0] *= 2
+    with pytest.raises(ValueError, match=r"converted tensor has shape .* but the Megatron parameter has .*"
+                                         r"Please report it"):
+        mapping.load_shard(torch.empty(shape), hf, c, 0, 1)
