@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from factories import make_checkpoint
-from multiprocess import clean_environment
+from processes import clean_environment
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig
 
