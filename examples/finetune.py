@@ -30,7 +30,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_bridge import CausalLMModule, HFCheckpoint, MegatronBridgeStrategy, PushToHub
+from lightning_bridge import CausalLMModule, HFCheckpoint, MegatronBridgeStrategy, PushToHub, StepProgressBar
 from lightning_bridge.builtin import corpus_text, tiny_llama
 from lightning_bridge.data import TokenBlocks
 
@@ -90,7 +90,7 @@ def main() -> None:
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                          strategy=strategy, max_steps=args.max_steps, val_check_interval=max(args.max_steps // 2, 1),
                          check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
-                         log_every_n_steps=1, default_root_dir=args.output, callbacks=callbacks)
+                         log_every_n_steps=1, default_root_dir=args.output, callbacks=[*callbacks, StepProgressBar()])
     module = CausalLMModule(learning_rate=args.lr, warmup_steps=max(args.max_steps // 10, 1))
     started = time.perf_counter()
     try:

@@ -32,7 +32,7 @@ import torch
 import transformers
 from torch.utils.data import DataLoader
 
-from lightning_bridge import CausalLMModule, HFCheckpoint, MegatronBridgeStrategy, PushToHub
+from lightning_bridge import CausalLMModule, HFCheckpoint, MegatronBridgeStrategy, PushToHub, StepProgressBar
 from lightning_bridge.builtin import corpus_text, tiny_llama
 from lightning_bridge.data import TokenBlocks
 from lightning_bridge.testing import HubEmulator
@@ -88,7 +88,7 @@ def main() -> None:
                                           pipeline_model_parallel_size=args.pp,
                                           micro_batch_size=args.micro_batch_size)
         trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-                             max_steps=args.max_steps, strategy=strategy, callbacks=[checkpoints, publish],
+                             max_steps=args.max_steps, strategy=strategy, callbacks=[checkpoints, publish, StepProgressBar()],
                              logger=False, enable_checkpointing=False, enable_model_summary=False,
                              log_every_n_steps=1, default_root_dir=output)
         module = CausalLMModule(learning_rate=args.lr, warmup_steps=max(args.max_steps // 10, 1))

@@ -22,9 +22,23 @@ TINY_LLAMA_SHAPES = dict(
 )
 
 
+# The built-in tokenizer has no chat template; the built-in chat set is rendered with this one.
+# Each turn is "<|role|>\n" + content + EOS, so an assistant turn's tokens end with EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
 def corpus_text() -> str:
     """The small text corpus shipped with the package."""
     return (Path(__file__).parent / "data" / "corpus.txt").read_text()
+
+
+def chat_set() -> Path:
+    """The tiny chat set shipped with the package: JSONL, one ``{"messages": [...]}`` conversation a line."""
+    return Path(__file__).parent / "data" / "chat.jsonl"
 
 
 def tiny_llama(folder: str | os.PathLike | None = None, *, seed: int = 0, vocab_size: int = 512) -> Path:

@@ -10,8 +10,9 @@
         Distributed checkpoints do not depend on the layout: write at TP=2, read back at TP=1.
     lightning-bridge fit [--config fit.yaml] [--model_id ID] [--strategy.tensor_model_parallel_size 2]
                          [--trainer.devices 2] [--trainer.max_steps 100] [--print_config]
-        Lightning's CLI (LightningCLI) over MegatronBridgeStrategy, CausalLMModule and
-        TextDataModule; with no model it trains the built-in tiny Llama on the built-in corpus.
+        Lightning's CLI (LightningCLI) over MegatronBridgeStrategy, CausalLMModule and a data module
+        (default SFTDataModule: --data.dataset PATH_OR_ID; --data lightning_bridge.TextDataModule for
+        plain text); with no model and no data it fine-tunes the built-in tiny Llama on the built-in chat set.
     lightning-bridge inspect [PATH_OR_ID] [--json]
         supported architectures; or a checkpoint's TransformerConfig, mapping table and shapes.
     lightning-bridge roundtrip [PATH_OR_ID]       HF -> Megatron -> HF check (built-in model by default)
@@ -209,10 +210,12 @@ def _roundtrip(model: str | None, output: str) -> int:
 # --- fit ----------------------------------------------------------------------------------------
 def _fit(argv: list[str]) -> int:
     """``lightning-bridge fit``: LightningCLI with the strategy's arguments under ``--strategy.*``."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
     from lightning.pytorch.cli import LightningCLI
 
-    from lightning_bridge.data import TextDataModule
     from lightning_bridge.module import CausalLMModule
+    from lightning_bridge.progress import StepProgressBar
     from lightning_bridge.strategies import MegatronBridgeStrategy
 
     class BridgeCLI(LightningCLI):
@@ -225,8 +228,9 @@ def _fit(argv: list[str]) -> int:
                 MegatronBridgeStrategy, "strategy", instantiate=True, fail_untyped=False,
                 skip={"model", "accelerator", "parallel_devices", "cluster_environment", "ddp_config", "timeout"},
             )
+            parser.set_defaults({"data": {"class_path": "lightning_bridge.SFTDataModule"}})  # --data.dataset ...
             parser.link_arguments("model_id", "model.hf_model", compute_fn=_resolve_model)
-            parser.link_arguments("model_id", "data.tokenizer", compute_fn=_resolve_model)
+            parser.link_arguments("model_id", "data.init_args.tokenizer", compute_fn=_resolve_model)
 
         def parse_arguments(self, parser: Any, args: Any) -> None:
             self.config = parser.parse_args(args)  # args always come from main(): no "args and argv" warning
@@ -237,10 +241,15 @@ def _fit(argv: list[str]) -> int:
                 raise ValueError(f"--trainer.strategy={chosen!r} is not used by `lightning-bridge fit`, which "
                                  "always trains with MegatronBridgeStrategy: set --strategy.* flags instead "
                                  "(e.g. --strategy.tensor_model_parallel_size 2).")
-            return super().instantiate_trainer(strategy=self._get(self.config_init, "strategy"), **kwargs)
+            trainer = super().instantiate_trainer(strategy=self._get(self.config_init, "strategy"), **kwargs)
+            bar = trainer.progress_bar_callback
+            if type(bar) in (TQDMProgressBar, RichProgressBar):  # Lightning's default, not the user's choice
+                trainer.callbacks[trainer.callbacks.index(bar)] = StepProgressBar()
+            return trainer
 
     try:
-        BridgeCLI(CausalLMModule, TextDataModule, args=["fit", *argv], auto_configure_optimizers=False,
+        BridgeCLI(CausalLMModule, pl.LightningDataModule, subclass_mode_data=True, args=["fit", *argv],
+                  auto_configure_optimizers=False,
                   save_config_kwargs={"overwrite": True},
                   parser_kwargs={"prog": "lightning-bridge", "description": _FIT_HELP})
     except SystemExit as exc:  # --help, --print_config and argument errors
@@ -250,11 +259,12 @@ def _fit(argv: list[str]) -> int:
 
 _FIT_HELP = """Train a Hugging Face model with MegatronBridgeStrategy from Lightning's CLI.
 
-    lightning-bridge fit --trainer.max_steps 3 --trainer.devices 2             # built-in tiny Llama, CPU
-    lightning-bridge fit --config examples/configs/fit_tiny_llama.yaml
-    lightning-bridge fit --model_id meta-llama/Llama-3.2-1B --strategy.tensor_model_parallel_size 2 \\
-        --trainer.devices 8 --data.text_file train.txt --trainer.callbacks+=lightning_bridge.HFCheckpoint \\
-        --trainer.callbacks.dirpath hf-checkpoints
+    lightning-bridge fit --trainer.max_steps 3 --trainer.devices 2      # built-in tiny Llama and chat set, CPU
+    lightning-bridge fit --config examples/configs/sft_tiny_llama.yaml
+    lightning-bridge fit --config examples/configs/fit_tiny_llama.yaml  # plain text (TextDataModule)
+    lightning-bridge fit --model_id meta-llama/Llama-3.2-1B-Instruct --strategy.tensor_model_parallel_size 2 \\
+        --trainer.devices 8 --data.dataset train.jsonl --data.packing true \\
+        --trainer.callbacks+=lightning_bridge.HFCheckpoint --trainer.callbacks.dirpath hf-checkpoints
     lightning-bridge fit --config fit.yaml --print_config                       # the full, resolved config
 """
 

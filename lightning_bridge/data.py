@@ -1,6 +1,8 @@
 """Causal-LM data: text packed into fixed-length token blocks, as batches of dicts.
 
-``TokenBlocks`` is the dataset; ``TextDataModule`` wraps it for a Trainer (and ``lightning-bridge fit``).
+``TokenBlocks`` is the dataset; ``TextDataModule`` wraps it for a Trainer (and for
+``lightning-bridge fit --data lightning_bridge.TextDataModule``). Chat and prompt/completion data:
+:mod:`lightning_bridge.sft_data`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from factories import make_checkpoint
-from multiprocess import clean_environment
+from processes import clean_environment
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BertConfig
 
@@ -198,7 +198,19 @@ def test_fit_print_config_shows_the_example_yaml(capsys):
     assert printed["trainer"]["devices"] == 2
     assert [c["class_path"] for c in printed["trainer"]["callbacks"]] == [
         "lightning_bridge.HFCheckpoint", "lightning.pytorch.callbacks.ModelCheckpoint"]
-    assert printed["data"]["block_size"] == 64
+    assert printed["data"] == {**printed["data"], "class_path": "lightning_bridge.TextDataModule"}
+    assert printed["data"]["init_args"]["block_size"] == 64
+
+
+def test_fit_reads_a_dataset_by_default_with_sft_data_module(tmp_path, capsys):
+    """`--data.dataset` needs no class: SFTDataModule is the default; the SFT example YAML packs chats."""
+    assert main(["fit", "--data.dataset", "train.jsonl", "--data.packing", "true", "--print_config"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["class_path"] == "lightning_bridge.SFTDataModule"
+    assert data["init_args"]["dataset"] == "train.jsonl" and data["init_args"]["packing"] is True
+    assert main(["fit", "--config", str(FIT_YAML.with_name("sft_tiny_llama.yaml")), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["init_args"]["max_length"] == 128 and printed["trainer"]["max_steps"] == 20
 
 
 def test_fit_refuses_another_trainer_strategy():

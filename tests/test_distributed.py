@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from multiprocess import launch
+from processes import launch
 
 from lightning_bridge.distributed import initialize_distributed, initialize_model_parallel
 

@@ -23,7 +23,7 @@ import time
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lightning_bridge import CausalLMModule, MegatronBridgeStrategy
+from lightning_bridge import CausalLMModule, MegatronBridgeStrategy, StepProgressBar
 from lightning_bridge.builtin import corpus_text, tiny_llama
 from lightning_bridge.data import TokenBlocks
 
@@ -54,7 +54,8 @@ def main() -> None:
                                       pipeline_model_parallel_size=args.pp, micro_batch_size=args.micro_batch_size)
     trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                          strategy=strategy, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
-                         enable_model_summary=False, log_every_n_steps=1, default_root_dir=args.output)
+                         enable_model_summary=False, log_every_n_steps=1, default_root_dir=args.output,
+                         callbacks=[StepProgressBar()])
     module = CausalLMModule(learning_rate=3e-3, warmup_steps=2)
     started = time.perf_counter()
     trainer.fit(module, train)

@@ -17,7 +17,7 @@ import torch
 import transformers
 from callbacks.hf_checkpoint_checks import fit_runs
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 from safetensors.torch import load_file
 
 from lightning_bridge.builtin import build_tokenizer

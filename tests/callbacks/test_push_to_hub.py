@@ -26,7 +26,7 @@ import yaml
 from callbacks.push_to_hub_checks import fit_and_push
 from factories import make_checkpoint
 from huggingface_hub import HfApi, snapshot_download
-from multiprocess import launch
+from processes import launch
 
 from lightning_bridge.builtin import build_tokenizer
 from lightning_bridge.callbacks.hub_upload import _classify, _retry_after

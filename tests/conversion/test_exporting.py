@@ -10,7 +10,7 @@ import torch
 import transformers
 from conversion.conversion_checks import LAYOUTS, round_trip_all_layouts
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 
 from lightning_bridge.hf_io import HFCheckpointReader
 from lightning_bridge.verify import relative_difference, transformers_logits

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from multiprocess import clean_environment
+from processes import clean_environment
 
 from lightning_bridge.builtin import tiny_llama
 
@@ -64,6 +64,20 @@ def test_quickstart_main_job(model, tmp_path):
     downloaded = Path(summary["downloaded"])
     assert (downloaded / "model.safetensors").read_bytes() == (step4 / "model.safetensors").read_bytes()
     assert (out / "hub").is_dir()
+
+
+def test_sft_quickstart_on_the_builtin_chat_set(model, tmp_path):
+    """SFT end to end: built-in chats packed, loss on the answers, TP=2, HFCheckpoint, PushToHub, reload, answer."""
+    out = tmp_path / "out"
+    stdout = run("sft_quickstart.py", "--model", str(model), "--max-steps", "3", "--packing", "--output", str(out),
+                 cwd=tmp_path)
+    assert re.search(r"data         built-in chat set: \d+ training sequences \(packed\); the first has \d+ tokens, "
+                     r"\d+ of them assistant tokens", stdout)
+    assert re.search(r"training     3 steps; train_loss [\d.]+ -> [\d.]+", stdout)
+    assert "/demo/tiny-llama-sft/commit/" in stdout and "answer       'What is 4 plus 4?' -> " in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["first_sequence"]["counted"] < summary["first_sequence"]["tokens"] <= 128
+    assert (out / "hf-checkpoints" / "step-3" / "model.safetensors").is_file()
 
 
 def test_finetune_with_lightnings_own_launcher(model, tmp_path):

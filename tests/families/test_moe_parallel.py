@@ -12,7 +12,7 @@ import torch
 import transformers
 from factories import make_checkpoint
 from families.moe_checks import round_trip_expert_layouts
-from multiprocess import launch
+from processes import launch
 
 from lightning_bridge.hf_io import HFCheckpointReader
 from lightning_bridge.verify import relative_difference, transformers_logits

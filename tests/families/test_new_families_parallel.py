@@ -13,7 +13,7 @@ import torch
 from conversion import test_exporting
 from conversion.conversion_checks import LAYOUTS, round_trip_all_layouts
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 
 FAMILIES = ["gpt2", "phi3", "olmo2", "gemma", "gemma2", "gemma3", "phi2"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from multiprocess import launch
+from processes import launch
 
 HEADS, HEAD_DIM, EPS = 4, 8, 1e-6
 

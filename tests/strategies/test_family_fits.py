@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 from factories import FAMILIES, make_checkpoint
-from multiprocess import launch
+from processes import launch
 from strategies.family_fit_checks import STEPS, fit_every_family
 
 from lightning_bridge import AutoBridge

@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 import torch
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 from megatron.core.distributed import DistributedDataParallelConfig
 from safetensors.torch import load_file
 from strategies.gradient_checks import gradient_batch, packed_batch, reference_gradients, step_gradients

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from multiprocess import clean_environment
+from processes import clean_environment
 
 from lightning_bridge.builtin import tiny_llama
 

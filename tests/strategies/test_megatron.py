@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 from strategies.strategy_checks import layouts_agree, resume_and_validate
 
 from lightning_bridge import CausalLMModule, MegatronBridgeStrategy

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 from factories import make_checkpoint
-from multiprocess import launch
+from processes import launch
 from strategies.moe_training_checks import train_with_expert_parallel
 
 from lightning_bridge.hf_io import HFCheckpointReader
