@@ -195,3 +195,23 @@ def test_errors_name_the_input_and_the_fix(tmp_path, tokenizer_folder):
                 val_examples=1).val_dataloader()
     with pytest.raises(ValueError, match="overlong='cut': use 'truncate' or 'drop'"):
         SFTDataModule(overlong="cut")
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss():
+    """The built-in chat set through MegatronBridgeStrategy: packed rows (examples that do not see each
+    other, positions restarting) and one example per row count the same tokens with the same loss."""
+    import lightning.pytorch as pl
+
+    from lightning_bridge import CausalLMModule, MegatronBridgeStrategy
+    from lightning_bridge.builtin import tiny_llama
+
+    losses = {}
+    for packing in (False, True):
+        data = SFTDataModule(tokenizer=str(tiny_llama()), packing=packing, max_length=256, batch_size=1,
+                             val_examples=6, shuffle=False)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=MegatronBridgeStrategy(str(tiny_llama())),
+                             logger=False, enable_progress_bar=False, enable_model_summary=False)
+        (metrics,) = trainer.validate(CausalLMModule(), datamodule=data)
+        losses[packing] = metrics["val_loss"]
+        assert packing is False or len(data.val_set) < 6  # the six examples really share rows
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
