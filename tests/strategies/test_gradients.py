@@ -33,32 +33,32 @@ FP32_TOL = 1e-3
 HALF_TOL = {torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 TP2, PP2 = {"tensor_model_parallel_size": 2}, {"pipeline_model_parallel_size": 2}
+SP = {**TP2, "sequence_parallel": True}
+PLAIN_OPTIMIZER = {"module": {"use_distributed_optimizer": False}}  # Megatron's optimizer, not distributed
+ALL_REDUCE_DDP = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
 DENSE_LAYOUTS = {
     "dp4": {},
     "tp2-dp2": TP2,
     "pp2-dp2": PP2,
     "tp2-pp2": {**TP2, **PP2},
     "pp2-vpp2-dp2": {**PP2, "virtual_pipeline_model_parallel_size": 2},
-    "tp2-sp-dp2": {**TP2, "sequence_parallel": True},
-    "tp2-pp2-sp": {**TP2, **PP2, "sequence_parallel": True},
+    "tp2-sp-dp2": SP,
+    "tp2-pp2-sp": {**SP, **PP2},
     "tp2-pp2-left-padding": {**TP2, **PP2, "padding": "left"},
     "pp2-dp2-right-padding": {**PP2, "padding": "right"},
     "tp2-pp2-packed": {**TP2, **PP2, "padding": "packed"},
+    "tp2-sp-dp2-packed": {**SP, "padding": "packed"},
     "tp2-pp2-unfused-attention": {**TP2, **PP2, "provider_overrides": {"attention_backend": "local"}},
-    "tp2-sp-dp2-packed": {**TP2, "sequence_parallel": True, "padding": "packed"},
     "pp2-dp2-micro-batch-2": {**PP2, "micro_batch_size": 2},
     "tp2-dp2-recompute": {**TP2, "provider_overrides": {
         "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}},
+    "dp2-tp2-all-reduce-ddp": {**TP2, "ddp_config": ALL_REDUCE_DDP, **PLAIN_OPTIMIZER},
+    "dp4-mismatched-optimizer": PLAIN_OPTIMIZER,  # under the default DDP: must be refused
     "tp2-dp2-bf16": {**TP2, "precision": "bf16-mixed", "lr": 1e4},
     # Lightning turns precision="16-mixed" into bf16 on a CPU: fp16 is chosen with torch_dtype
     "pp2-dp2-fp16": {**PP2, "torch_dtype": torch.float16, "lr": 1e4, "loss_scale": 1024.0},
 }
-DDP_NOT_DISTRIBUTED = {"ddp_config": DistributedDataParallelConfig(
-    grad_reduce_in_fp32=True, use_distributed_optimizer=False), "module": {"use_distributed_optimizer": False}}
-DENSE_LAYOUTS["dp4-mismatched-optimizer"] = {"module": {"use_distributed_optimizer": False}}
-DENSE_LAYOUTS["dp2-tp2-all-reduce-ddp"] = {**TP2, **DDP_NOT_DISTRIBUTED}
 TIED_LAYOUTS = {name: DENSE_LAYOUTS[name] for name in ("dp4", "tp2-pp2", "pp2-vpp2-dp2", "tp2-pp2-sp")}
-SP = {**TP2, "sequence_parallel": True}
 NO_AUX_LOSS = {"provider_overrides": {"moe_aux_loss_coeff": 0.0}}  # transformers' loss has no aux term
 EP2 = {"expert_model_parallel_size": 2, **NO_AUX_LOSS}
 MOE_LAYOUTS = {
@@ -75,7 +75,7 @@ MODELS = {
     "mixtral": ("mixtral", MOE_LAYOUTS),
     "qwen3-moe": ("qwen3-moe", {"tp2-ep2-sp": MOE_LAYOUTS["tp2-ep2-sp"]}),
     "qwen3": ("qwen3", {"tp2-sp-dp2": SP}),
-    "olmo2": ("olmo2", {"tp2-dp2": TP2, "tp2-pp2-sp": {**SP, **PP2}}),
+    "olmo2": ("olmo2", {"tp2-dp2": TP2, "tp2-pp2-sp": DENSE_LAYOUTS["tp2-pp2-sp"]}),
     "gemma2": ("gemma2", {"tp2-sp-dp2": SP, "pp2-vpp2-dp2": DENSE_LAYOUTS["pp2-vpp2-dp2"],
                           "tp2-dp2-packed": {**TP2, "padding": "packed"}}),
     # sliding windows with padding and packing (fused attention, the default)
