@@ -71,3 +71,18 @@ def make_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: torch.dt
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return Path(folder)
+
+
+def every_dtype_tensors() -> dict[str, torch.Tensor]:
+    """One small tensor of each dtype and shape kind a checkpoint reader must handle bitwise."""
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "bf16": torch.randn(33, 17, generator=generator).to(torch.bfloat16),
+        "f32": torch.randn(5, 7, 3, generator=generator),
+        "f16": torch.randn(1000, generator=generator).half(),
+        "i64": torch.arange(-50, 50, dtype=torch.int64),
+        "bool": torch.rand(9, generator=generator) > 0.5,
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "f8": torch.randn(64, generator=generator).to(torch.float8_e4m3fn),
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import psutil
 import pytest
 import torch
+from factories import every_dtype_tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -15,23 +16,9 @@ from lightning_bridge.mapped_read import MappedFile
 MB = 2**20
 
 
-def _tensors() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "bf16": torch.randn(33, 17, generator=generator).to(torch.bfloat16),
-        "f32": torch.randn(5, 7, 3, generator=generator),
-        "f16": torch.randn(1000, generator=generator).half(),
-        "i64": torch.arange(-50, 50, dtype=torch.int64),
-        "bool": torch.rand(9, generator=generator) > 0.5,
-        "scalar": torch.tensor(3.5),
-        "empty": torch.empty(0, 4),
-        "f8": torch.randn(64, generator=generator).to(torch.float8_e4m3fn),
-    }
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
-    save_file(_tensors(), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(every_dtype_tensors(), tmp_path / "model.safetensors", metadata={"format": "pt"})
     return tmp_path
 
 
@@ -50,7 +37,7 @@ def test_writing_to_a_read_tensor_never_changes_the_file(checkpoint):
     tensor = HFCheckpointReader(checkpoint).get("f32")
     tensor.add_(1.0)
     assert (checkpoint / "model.safetensors").read_bytes() == before
-    assert torch.equal(HFCheckpointReader(checkpoint).get("f32"), _tensors()["f32"])
+    assert torch.equal(HFCheckpointReader(checkpoint).get("f32"), every_dtype_tensors()["f32"])
 
 
 def test_a_header_whose_sizes_disagree_is_called_corrupt_on_the_cpu_too(checkpoint):

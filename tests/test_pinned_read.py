@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from factories import every_dtype_tensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -18,23 +19,9 @@ from lightning_bridge import hf_io, pinned_read
 from lightning_bridge.hf_io import HFCheckpointReader
 
 
-def _tensors() -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return {
-        "bf16": torch.randn(33, 17, generator=generator).to(torch.bfloat16),
-        "f32": torch.randn(5, 7, 3, generator=generator),
-        "f16": torch.randn(1000, generator=generator).half(),
-        "i64": torch.arange(-50, 50, dtype=torch.int64),
-        "bool": torch.rand(9, generator=generator) > 0.5,
-        "scalar": torch.tensor(3.5),
-        "empty": torch.empty(0, 4),
-        "f8": torch.randn(64, generator=generator).to(torch.float8_e4m3fn),
-    }
-
-
 @pytest.fixture
 def checkpoint(tmp_path):
-    save_file(_tensors(), tmp_path / "model.safetensors", metadata={"format": "pt"})
+    save_file(every_dtype_tensors(), tmp_path / "model.safetensors", metadata={"format": "pt"})
     return tmp_path
 
 
@@ -90,7 +77,7 @@ def test_a_file_cut_short_after_opening_is_called_truncated(checkpoint, host_rea
 def test_cpu_reads_still_come_from_the_memory_map(checkpoint, monkeypatch):
     monkeypatch.setattr(hf_io, "read_to_device", lambda *a: pytest.fail("CPU reads must not stage"))
     reader = HFCheckpointReader(checkpoint)
-    assert torch.equal(reader.get("i64"), _tensors()["i64"])
+    assert torch.equal(reader.get("i64"), every_dtype_tensors()["i64"])
 
 
 @pytest.fixture
