@@ -217,3 +217,38 @@ def test_packed_and_unpacked_batches_give_the_same_loss():
         losses[packing] = metrics["val_loss"]
         assert packing is False or len(data.val_set) < 6  # the six examples really share rows
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_a_run_resumed_mid_epoch_under_the_strategy_continues_with_the_next_unseen_batch(tmp_path):
+    """MegatronBridgeStrategy's Lightning checkpoint carries the data position: the resumed run sees
+    exactly the batches the uninterrupted run saw after the checkpoint, with bitwise the same losses."""
+    import lightning.pytorch as pl
+
+    from lightning_bridge import CausalLMModule, MegatronBridgeStrategy
+    from lightning_bridge.builtin import tiny_llama
+
+    class Seen(pl.Callback):
+        def __init__(self):
+            self.batches, self.losses = [], []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.batches.append(batch["input_ids"].clone())
+            self.losses.append(float(trainer.callback_metrics["train_loss"]))
+
+    def fit(ckpt_path=None):
+        seen = Seen()
+        saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[seen, saver],
+                             strategy=MegatronBridgeStrategy(str(tiny_llama())))
+        data = SFTDataModule(tokenizer=str(tiny_llama()), max_length=64, batch_size=4, seed=3)
+        trainer.fit(CausalLMModule(learning_rate=1e-3), datamodule=data, ckpt_path=ckpt_path)
+        return seen
+
+    full = fit()
+    step_two = next(p for p in (tmp_path / "ckpt").iterdir() if "step=2" in p.name)
+    resumed = fit(ckpt_path=str(step_two))
+    assert len(full.batches) == 5 and len(resumed.batches) == 3
+    for ours, theirs in zip(resumed.batches, full.batches[2:]):
+        assert torch.equal(ours, theirs)
+    assert resumed.losses == full.losses[2:]
