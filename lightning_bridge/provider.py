@@ -20,6 +20,7 @@ Megatron does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -154,6 +155,16 @@ class GPTModelProvider(TransformerConfig):
         # Megatron's validation waits for finalize(), so fields stay settable until the build.
         pass
 
+    def __deepcopy__(self, memo: dict) -> GPTModelProvider:
+        """A copy sharing the weight loader and model hook: megatron-core deep-copies its config (MoE
+        experts of another FFN size than the dense layers), and a loader may hold open files."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            shared = name in ("weight_loader", "model_hook")
+            copied.__dict__[name] = value if shared else copy.deepcopy(value, memo)
+        return copied
+
     # ---------------------------------------------------------------------------------------
     @property
     def padded_vocab_size(self) -> int:
@@ -257,7 +268,8 @@ class GPTModelProvider(TransformerConfig):
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads (num_query_groups)", groups),
         ]
-        if not self.num_moe_experts or not all(moe_layer_pattern(self)):  # MoE layers split their experts by the expert TP size instead
+        # MoE layers split experts by the expert TP size instead; dense layers (all, or some) by TP
+        if not self.num_moe_experts or not all(moe_layer_pattern(self)):
             ffn = self.ffn_hidden_size or 4 * self.hidden_size
             checks.append(("intermediate_size (ffn_hidden_size)", ffn))
         for label, value in checks:

@@ -325,3 +325,14 @@ def test_dense_layers_of_a_moe_pattern_get_the_dense_mlp():
     assert chunk.decoder.layers[0].mlp.linear_fc1.weight.shape == (128, 64)
     assert moe_layer_pattern(small(num_layers=4, num_moe_experts=4, moe_layer_freq=2)) == [1, 0, 1, 0]
     assert moe_layer_pattern(small(num_layers=2)) == [1, 1]  # dense model: its layer spec decides
+
+
+def test_a_deep_copy_shares_the_weight_loader(checkpoint):
+    """megatron-core deep-copies the config (experts of another FFN size): the loader is shared."""
+    import copy
+
+    provider = AutoBridge.from_hf_pretrained(checkpoint).to_megatron_provider()
+    provider()  # the loader has read the checkpoint (its files are open)
+    copied = copy.deepcopy(provider)
+    assert copied.weight_loader is provider.weight_loader and copied.hidden_size == provider.hidden_size
+    assert copied.rotary_inv_freq is None or copied.rotary_inv_freq is not provider.rotary_inv_freq

@@ -212,6 +212,7 @@ def test_persistent_buffers_are_weights_and_named_globally(tmp_path):
     (chunk,) = AutoBridge.from_hf_pretrained(source).to_megatron_model(show_progress=False)
     weights = dict(global_named_weights(chunk))
     parameters = dict(global_named_parameters(chunk))
-    assert sorted(set(weights) - set(parameters)) == [f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)]
+    expert_biases = [f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)]
+    assert sorted(set(weights) - set(parameters)) == expert_biases
     assert torch.equal(weights["decoder.layers.1.mlp.router.expert_bias"],
                        HFCheckpointReader(source).get("model.layers.1.mlp.gate.e_score_correction_bias"))
