@@ -20,6 +20,7 @@ Megatron does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -38,10 +39,11 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlock,
     TransformerBlockSubmodules,
     get_num_layers_to_build,
+    get_transformer_layer_offset,
 )
 
 from lightning_bridge.attention import core_attention_spec, resolve_backend
-from lightning_bridge.conversion.parallel import global_named_parameters
+from lightning_bridge.conversion.parallel import global_named_weights
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.norms import TorchNorm
 from lightning_bridge.rotary import use_position_ids
@@ -91,12 +93,36 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
 
 
 def block_spec(spec: ModuleSpec, provider: GPTModelProvider, vp_stage: int | None) -> ModuleSpec:
-    """A whole-block spec: ``spec`` itself if it is one, else its layers under a TorchNorm final norm."""
+    """A whole-block spec: ``spec`` itself if it is one, else its layers under a TorchNorm final norm.
+
+    A MoE model whose ``moe_layer_freq`` makes some layers dense (0 in the pattern; DeepSeek's first
+    dense layers) gets, in those layers, ``spec`` with megatron-core's dense local MLP (of
+    ``ffn_hidden_size``) in place of the MoE layer."""
     if spec.module is TransformerBlock:
         return spec
     layers = get_num_layers_to_build(provider, vp_stage=vp_stage)
+    pattern = moe_layer_pattern(provider)
+    if all(pattern):
+        layer_specs = [spec] * layers
+    else:
+        dense = dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules, mlp=get_gpt_layer_local_spec().submodules.mlp))
+        offset = get_transformer_layer_offset(provider, vp_stage=vp_stage)
+        layer_specs = [spec if pattern[offset + i] else dense for i in range(layers)]
     return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=TorchNorm))
+                      submodules=TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=TorchNorm))
+
+
+def moe_layer_pattern(provider: GPTModelProvider) -> list[int]:
+    """Per global layer, 1 for a MoE layer and 0 for a dense one (Megatron's reading of
+    ``moe_layer_freq``: an int N makes every N-th layer MoE, a list gives the pattern); all 1 for a
+    dense model, whose layer spec says what every layer is."""
+    freq = provider.moe_layer_freq
+    if not provider.num_moe_experts:
+        return [1] * provider.num_layers
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(provider.num_layers)]
+    return [int(bool(moe)) for moe in freq]
 
 
 @dataclass
@@ -128,6 +154,16 @@ class GPTModelProvider(TransformerConfig):
     def __post_init__(self) -> None:
         # Megatron's validation waits for finalize(), so fields stay settable until the build.
         pass
+
+    def __deepcopy__(self, memo: dict) -> GPTModelProvider:
+        """A copy sharing the weight loader and model hook: megatron-core deep-copies its config (MoE
+        experts of another FFN size than the dense layers), and a loader may hold open files."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        for name, value in self.__dict__.items():
+            shared = name in ("weight_loader", "model_hook")
+            copied.__dict__[name] = value if shared else copy.deepcopy(value, memo)
+        return copied
 
     # ---------------------------------------------------------------------------------------
     @property
@@ -232,7 +268,8 @@ class GPTModelProvider(TransformerConfig):
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads (num_query_groups)", groups),
         ]
-        if not self.num_moe_experts:  # MoE layers split their experts by the expert TP size instead
+        # MoE layers split experts by the expert TP size instead; dense layers (all, or some) by TP
+        if not self.num_moe_experts or not all(moe_layer_pattern(self)):
             ffn = self.ffn_hidden_size or 4 * self.hidden_size
             checks.append(("intermediate_size (ffn_hidden_size)", ffn))
         for label, value in checks:
@@ -308,7 +345,7 @@ class GPTModelProvider(TransformerConfig):
 def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
     """Refuse chunks built without initialisation that the loader did not fill completely."""
     written = set(loaded or ())
-    names = [name for chunk in chunks for name, _ in global_named_parameters(chunk)]
+    names = [name for chunk in chunks for name, _ in global_named_weights(chunk)]
     missing = sorted(name for name in names if name not in written)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

@@ -48,6 +48,12 @@ FAMILIES = {
         num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
     "qwen3-moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=24)),
+    # GLM-4.5: a dense first layer, then 4 sigmoid-routed experts in 2 groups (the best group's top 2)
+    # scaled by 2.5, a shared expert; half-rotary heads with q/k norm and q/k/v biases
+    "glm4-moe": (transformers.Glm4MoeConfig, transformers.Glm4MoeForCausalLM, dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
+        attention_bias=True, num_hidden_layers=4)),
 }
 
 
@@ -67,6 +73,9 @@ def make_checkpoint(family: str, folder: Path, *, seed: int = 0, dtype: torch.dt
         for name, param in model.named_parameters():
             if "norm" in name or ".ln_" in name or name.endswith("bias"):  # .ln_: GPT-2's norms
                 param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("correction_bias"):  # MoE routers' expert bias (a stored buffer)
+                buffer.add_(torch.randn_like(buffer) * 0.01)  # small: routing still follows the tokens
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)

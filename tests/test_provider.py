@@ -308,3 +308,31 @@ def test_bad_expert_parallel_sizes_are_refused_before_any_work(fields, message):
 def test_expert_ffn_need_not_divide_by_tp_when_expert_tp_is_1():
     small(num_moe_experts=4, ffn_hidden_size=30, moe_ffn_hidden_size=30, tensor_model_parallel_size=2,
           expert_tensor_parallel_size=1)._check_parallel_sizes()
+
+
+def test_dense_layers_of_a_moe_pattern_get_the_dense_mlp():
+    """moe_layer_freq as a pattern: 0 layers are megatron-core's dense MLP, 1 layers MoE."""
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from lightning_bridge.provider import moe_layer_pattern
+
+    provider = small(num_layers=3, ffn_hidden_size=128, num_moe_experts=4, moe_ffn_hidden_size=32,
+                     moe_router_topk=2, moe_layer_freq=[0, 1, 1], moe_token_dispatcher_type="allgather")
+    assert moe_layer_pattern(provider) == [0, 1, 1]
+    (chunk,) = provider(load_weights=False)
+    assert [type(layer.mlp) for layer in chunk.decoder.layers] == [MLP, MoELayer, MoELayer]
+    assert chunk.decoder.layers[0].mlp.linear_fc1.weight.shape == (128, 64)
+    assert moe_layer_pattern(small(num_layers=4, num_moe_experts=4, moe_layer_freq=2)) == [1, 0, 1, 0]
+    assert moe_layer_pattern(small(num_layers=2)) == [1, 1]  # dense model: its layer spec decides
+
+
+def test_a_deep_copy_shares_the_weight_loader(checkpoint):
+    """megatron-core deep-copies the config (experts of another FFN size): the loader is shared."""
+    import copy
+
+    provider = AutoBridge.from_hf_pretrained(checkpoint).to_megatron_provider()
+    provider()  # the loader has read the checkpoint (its files are open)
+    copied = copy.deepcopy(provider)
+    assert copied.weight_loader is provider.weight_loader and copied.hidden_size == provider.hidden_size
+    assert copied.rotary_inv_freq is None or copied.rotary_inv_freq is not provider.rotary_inv_freq

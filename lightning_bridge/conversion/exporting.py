@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from lightning_bridge.conversion import parallel
 from lightning_bridge.conversion.context import ConversionContext
 from lightning_bridge.conversion.mappings import WeightMapping
-from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters, is_expert_parameter
+from lightning_bridge.conversion.parallel import RankLayout, global_named_weights, is_expert_parameter
 from lightning_bridge.conversion.registry import MappingRegistry
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def plan_export(
     layout = RankLayout.current()
     local = []
     for chunk in chunks:
-        for name, param in global_named_parameters(chunk):
+        for name, param in global_named_weights(chunk):
             expert = is_expert_parameter(name)
             first_copy = (layout.edp_rank, layout.etp_rank) if expert else (layout.dp_rank, layout.tp_rank)
             if first_copy == (0, 0):
@@ -147,7 +147,7 @@ def export_hf_weights(
         raise ValueError(f"mode={mode!r} is not one of {EXPORT_MODES}")
     layout = RankLayout.current()
     plan, layouts = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
-    local = {name: param for chunk in chunks for name, param in global_named_parameters(chunk)}
+    local = {name: param for chunk in chunks for name, param in global_named_weights(chunk)}
     device = parallel.comm_device()
     dtypes = {} if dtypes is None else dtypes
     position = {name: i for i, name in enumerate(hf_order or ())}

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_bridge.conversion.context import ConversionContext
-from lightning_bridge.conversion.parallel import RankLayout, global_named_parameters
+from lightning_bridge.conversion.parallel import RankLayout, global_named_weights
 from lightning_bridge.conversion.registry import MappingRegistry
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registr
     stored_tied = registry.tied_stored_in(source)
     loads = []
     for chunk in chunks:
-        for name, param in global_named_parameters(chunk):
+        for name, param in global_named_weights(chunk):
             if name in registry.tied and name not in stored_tied:
                 name_in_checkpoint = registry.tied[name]  # tied: the checkpoint has one copy
             else:

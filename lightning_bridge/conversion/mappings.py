@@ -34,6 +34,9 @@ class WeightMapping:
 
     megatron: str
     hf: str | tuple[str, ...]
+    # The layers (the first ``*``) the mapping applies to; None: every layer. A model whose layers
+    # differ (dense MLPs in the first layers of a MoE model) restricts the mappings of each kind.
+    layers: frozenset[int] | None = None
     kind: ClassVar[str] = "direct"
     tp_dim: ClassVar[int | None] = None
 
@@ -45,14 +48,18 @@ class WeightMapping:
     def match(self, megatron_name: str) -> tuple[str, ...] | None:
         """The wildcard values if ``megatron_name`` fits this mapping's pattern, else None."""
         found = _compile(self.megatron).fullmatch(megatron_name)
-        return found.groups() if found else None
+        return found.groups() if found and self.applies_to(found.groups()) else None
 
     def match_hf(self, hf_name: str) -> tuple[str, ...] | None:
         for pattern in self.hf_patterns:
             found = _compile(pattern).fullmatch(hf_name)
-            if found:
+            if found and self.applies_to(found.groups()):
                 return found.groups()
         return None
+
+    def applies_to(self, wildcards: Sequence[str]) -> bool:
+        """Whether the mapping covers the layer of these wildcard values (see ``layers``)."""
+        return self.layers is None or not wildcards or int(wildcards[0]) in self.layers
 
     def hf_names(self, wildcards: Sequence[str]) -> list[str]:
         return [_fill(pattern, wildcards) for pattern in self.hf_patterns]

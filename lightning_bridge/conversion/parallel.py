@@ -35,18 +35,35 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(global name, parameter) of a model chunk, layer numbers made global."""
     model = unwrap(chunk)
-    layers = model.decoder.layers if getattr(model, "decoder", None) is not None else []
     for name, param in model.named_parameters():
-        found = _LAYER.match(name)
-        if found:
-            layer = layers[int(found.group(1))]
-            name = f"decoder.layers.{layer.layer_number - 1}." + name[found.end():]
-            expert = _LOCAL_EXPERT.search(name)
-            if expert:  # the MoE layer knows which global experts it holds
-                global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
-                name = (f"{name[:expert.start()]}.mlp.experts.local_experts.{global_expert}."
-                        f"{name[expert.end():]}")
-        yield name, param
+        yield global_name(model, name), param
+
+
+def global_named_weights(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(global name, tensor) of every weight a checkpoint holds: the parameters, then the persistent
+    buffers (a router's expert bias, which HF stores as ``e_score_correction_bias``). What
+    conversion loads and exports."""
+    model = unwrap(chunk)
+    yield from global_named_parameters(model)
+    state = model.state_dict(keep_vars=True)
+    for name, buffer in model.named_buffers():
+        if name in state:  # persistent: part of the model's state
+            yield global_name(model, name), buffer
+
+
+def global_name(model: torch.nn.Module, name: str) -> str:
+    """The global name of ``model``'s local parameter or buffer ``name``: layer (and expert) numbers
+    made global."""
+    found = _LAYER.match(name)
+    if not found:
+        return name
+    layer = model.decoder.layers[int(found.group(1))]
+    name = f"decoder.layers.{layer.layer_number - 1}." + name[found.end():]
+    expert = _LOCAL_EXPERT.search(name)
+    if expert:  # the MoE layer knows which global experts it holds
+        global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
+        name = f"{name[:expert.start()]}.mlp.experts.local_experts.{global_expert}.{name[expert.end():]}"
+    return name
 
 
 def is_expert_parameter(name: str) -> bool:

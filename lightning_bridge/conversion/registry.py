@@ -63,6 +63,8 @@ class MappingRegistry:
                 continue
             count = mapping.megatron.count("*")
             for values in itertools.product(*(range(n) for n in wildcard_ranges[:count])):
+                if not mapping.applies_to([str(v) for v in values]):
+                    continue
                 names.update(mapping.hf_names([str(v) for v in values]))
         return names
 

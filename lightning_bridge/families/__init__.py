@@ -4,6 +4,7 @@ from lightning_bridge.families import (  # noqa: F401  (importing a family regis
     gemma,
     gemma2,
     gemma3,
+    glm4_moe,
     gpt2,
     llama,
     mistral,

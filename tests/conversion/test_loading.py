@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from lightning_bridge import AutoBridge
 from lightning_bridge.conversion.context import ConversionContext
 from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_weights
-from lightning_bridge.conversion.parallel import global_named_parameters
+from lightning_bridge.conversion.parallel import global_named_parameters, global_named_weights
 from lightning_bridge.conversion.registry import MappingRegistry
 from lightning_bridge.hf_io import HFCheckpointReader
 
@@ -204,3 +204,15 @@ def test_every_tensor_read_is_released_once_copied(llama):
     assert sorted(read) == sorted(released) == sorted(reader.names())
     # each released after it was read (and copied)
     assert all(events.index(("read", name)) < events.index(("released", name)) for name in read)
+
+
+def test_persistent_buffers_are_weights_and_named_globally(tmp_path):
+    """A router's expert bias is a buffer Megatron saves: conversion loads and exports it like a parameter."""
+    source = make_checkpoint("glm4-moe", tmp_path / "glm")
+    (chunk,) = AutoBridge.from_hf_pretrained(source).to_megatron_model(show_progress=False)
+    weights = dict(global_named_weights(chunk))
+    parameters = dict(global_named_parameters(chunk))
+    expert_biases = [f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)]
+    assert sorted(set(weights) - set(parameters)) == expert_biases
+    assert torch.equal(weights["decoder.layers.1.mlp.router.expert_bias"],
+                       HFCheckpointReader(source).get("model.layers.1.mlp.gate.e_score_correction_bias"))

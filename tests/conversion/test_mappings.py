@@ -289,3 +289,15 @@ def test_load_shard_refuses_a_parameter_of_another_shape_instead_of_broadcasting
     with pytest.raises(ValueError, match=r"converted tensor has shape .* but the Megatron parameter has .*"
                                          r"Please report it"):
         mapping.load_shard(torch.empty(shape), hf, c, 0, 1)
+
+
+def test_a_mapping_restricted_to_layers_matches_only_them():
+    """A model whose layers differ (dense first layers of a MoE model) restricts each table row."""
+    dense = GatedMLP("decoder.layers.*.mlp.linear_fc1.weight",
+                     ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
+                     layers=frozenset({0}))
+    assert dense.match("decoder.layers.0.mlp.linear_fc1.weight") == ("0",)
+    assert dense.match("decoder.layers.1.mlp.linear_fc1.weight") is None
+    assert dense.match_hf("model.layers.0.mlp.up_proj.weight") == ("0",)
+    assert dense.match_hf("model.layers.1.mlp.up_proj.weight") is None
+    assert GatedMLP(dense.megatron, dense.hf).match("decoder.layers.1.mlp.linear_fc1.weight") == ("1",)

@@ -107,3 +107,14 @@ def test_repr_lists_every_mapping(llama):
     assert text.startswith("MappingRegistry(") and text.count(" <- ") == 9
     assert ("qkv: decoder.layers.*.self_attention.linear_qkv.weight <- "
             "model.layers.*.self_attn.q_proj.weight") in text
+
+
+def test_expected_hf_names_follow_the_layers_of_each_mapping():
+    registry = MappingRegistry([
+        Replicated("decoder.layers.*.mlp.a", "model.layers.*.mlp.a", layers=frozenset({0})),
+        Replicated("decoder.layers.*.mlp.experts.*.b", "model.layers.*.mlp.experts.*.b",
+                   layers=frozenset({1, 2})),
+    ])
+    assert registry.expected_hf_names((3, 2)) == {
+        "model.layers.0.mlp.a", "model.layers.1.mlp.experts.0.b", "model.layers.1.mlp.experts.1.b",
+        "model.layers.2.mlp.experts.0.b", "model.layers.2.mlp.experts.1.b"}

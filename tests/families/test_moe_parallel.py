@@ -1,4 +1,5 @@
-"""Mixtral and Qwen3-MoE with expert parallelism on 4 gloo ranks: each rank loads its own experts,
+"""Mixtral, Qwen3-MoE and GLM-4.5 MoE with
+expert parallelism on 4 gloo ranks: each rank loads its own experts,
 logits equal transformers', and every export mode and order is bitwise equal to the source.
 
 One launch runs every layout: EP=2 (expert data-parallel 2), TP=2 x EP=2 with expert TP 1 and
@@ -24,13 +25,16 @@ CASES = [  # (family, TP, PP, EP, expert TP); None: Megatron's default expert TP
     ("mixtral", 1, 1, 4, None),
     ("qwen3-moe", 2, 1, 2, None),
     ("qwen3-moe", 1, 2, 2, None),
+    ("glm4-moe", 2, 1, 2, None),  # dense first layer, shared expert, grouped sigmoid routing
+    ("glm4-moe", 1, 2, 2, None),
 ]
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    checkpoints = {family: str(make_checkpoint(family, root / family)) for family in ("mixtral", "qwen3-moe")}
+    checkpoints = {family: str(make_checkpoint(family, root / family))
+                   for family in ("mixtral", "qwen3-moe", "glm4-moe")}
     input_ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     return checkpoints, input_ids, launch(round_trip_expert_layouts, WORLD, CASES, checkpoints, input_ids)
 
