@@ -98,6 +98,8 @@ def reference_gradients(folder: str, samples: list[dict[str, torch.Tensor]]) -> 
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(param.grad)
+        for buffer in model.buffers():  # stored buffers (a router's correction bias) have no gradient
+            buffer.zero_()
     with tempfile.TemporaryDirectory() as saved:
         model.save_pretrained(saved)
         return load_file(f"{saved}/model.safetensors")
