@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from lightning_bridge.bridge import TOKENIZER_FILES, AutoBridge
 from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.publish import broadcast, make_staging_folder, publish_folder, rank, run_on_rank_zero
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +82,18 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], bridge: AutoBrid
     """
     from megatron.core import dist_checkpointing
 
-    final = Path(_broadcast(str(Path(path).absolute())))
-    staging = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging = Path(_broadcast(str(staging)))
-    error = None
-    if _rank() == 0:
-        try:
-            check_output_folder(final, overwrite)
-            staging.mkdir(parents=True)
-        except (OSError, FileExistsError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    raise_on_every_rank(error)
+    final = Path(broadcast(str(Path(path).absolute())))
+    staging = make_staging_folder(final, check=lambda: check_output_folder(final, overwrite))
+
+    def finish() -> None:
+        write_hf_metadata(bridge, staging, _provider_of(chunks))
+        publish_folder(staging, final)
+
     try:
         dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
-        error = None
-        if _rank() == 0:
-            try:
-                write_hf_metadata(bridge, staging, _provider_of(chunks))
-                publish_folder(staging, final)
-            except (OSError, ValueError, TypeError, RuntimeError) as exc:  # reported on every rank
-                error = f"{type(exc).__name__}: {exc}"
-        raise_on_every_rank(error)
+        run_on_rank_zero(finish)
     except BaseException:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("Saved a Megatron distributed checkpoint to %s", final)
@@ -288,37 +277,3 @@ def _model_key_prefix(tensors: dict[str, Any]) -> str:
 def _provider_of(chunks: Sequence[torch.nn.Module]) -> GPTModelProvider | None:
     config = getattr(unwrap(chunks[0]), "config", None)
     return config if isinstance(config, GPTModelProvider) else None
-
-
-def publish_folder(staging: Path, final: Path) -> None:
-    """Rename ``staging`` into place; ``final`` is always either the old or the new folder."""
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(final, old)
-    try:
-        os.rename(staging, final)
-    except OSError:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    objects = [value]
-    dist.broadcast_object_list(objects, src=0)
-    return objects[0]
-
-
-def raise_on_every_rank(error: str | None) -> None:
-    """Raise rank 0's error on every rank (so no rank waits in a collective that never comes)."""
-    error = _broadcast(error)
-    if error:
-        raise RuntimeError(f"Saving the Megatron checkpoint failed: {error}")

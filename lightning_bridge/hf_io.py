@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import math
 import os
 import re
-import secrets
 import shutil
 import struct
 import threading
@@ -25,6 +23,8 @@ from tqdm.auto import tqdm
 
 from lightning_bridge.mapped_read import MappedFile
 from lightning_bridge.pinned_read import read_to_device
+from lightning_bridge import publish
+from lightning_bridge.publish import fsync_path, publish_folder, staging_path
 from lightning_bridge.safetensors_stream import DTYPE_CODES, StreamedSafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,6 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
-_TEMP_DIR = re.compile(r"^\.(?P<final>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}  # safetensors dtype code -> torch
 
 
@@ -335,15 +334,6 @@ def plan_shards(specs: Sequence[TensorSpec], *, max_shard_size: int = 5 * 2**30,
     return plan
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some platforms cannot open or fsync directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class ShardedSafetensorsWriter:
     """Writes a planned set of safetensors shards as their tensors arrive, then publishes the folder
     atomically. With ``specs`` (name, shape, dtype of every tensor) each tensor is written at its place
@@ -376,14 +366,11 @@ class ShardedSafetensorsWriter:
         self._total_size, self._state = 0, "open"
         self._progress = tqdm(desc=f"Saving {self.final_dir.name}", unit="B", unit_scale=True,
                               disable=not show_progress)
-        self.tmp_dir = self._sibling("tmp")
+        self.tmp_dir = staging_path(self.final_dir)
         try:
             self.tmp_dir.mkdir(parents=True)
         except OSError as exc:
             self._fail(exc, "create a temporary folder")
-
-    def _sibling(self, kind: str) -> Path:
-        return self.final_dir.parent / f".{self.final_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
     def _fail(self, exc: BaseException, doing: str) -> NoReturn:
         self.abort()
@@ -499,32 +486,15 @@ class ShardedSafetensorsWriter:
                 (self.tmp_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             for root, _, files in os.walk(self.tmp_dir):
                 for file in files:
-                    _fsync(Path(root) / file)
-                _fsync(Path(root))
-            self._publish()
+                    fsync_path(Path(root) / file)
+                fsync_path(Path(root))
+            publish_folder(self.tmp_dir, self.final_dir, overwrite=self.overwrite)
         except OSError as exc:
             self._fail(exc, "publish the checkpoint")
         self._state = "finalized"
         self._progress.close()
         logger.info("Saved %d shard(s), %d bytes, to %s", len(self.plan), self._total_size, self.final_dir)
         return self.final_dir
-
-    def _publish(self) -> None:
-        """Rename the temp folder into place; final_dir is always either the old or the new checkpoint."""
-        if not self.final_dir.exists():
-            os.rename(self.tmp_dir, self.final_dir)
-        elif not self.overwrite:
-            raise FileExistsError(errno.EEXIST, f"{self.final_dir} appeared meanwhile; pass overwrite=True")
-        else:
-            old = self._sibling("old")
-            os.rename(self.final_dir, old)
-            try:
-                os.rename(self.tmp_dir, self.final_dir)
-            except OSError:
-                os.rename(old, self.final_dir)
-                raise
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        _fsync(self.final_dir.parent)
 
     def abort(self) -> None:
         """Remove the temporary folder and drop buffered tensors; the final folder is never touched."""
@@ -554,36 +524,11 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        pass  # exists but is not ours, or a pid we cannot ask about: assume alive
-    return True
-
-
 def cleanup_stale_temp_dirs(parent: str | os.PathLike) -> list[Path]:
     """Remove the ``.<name>.tmp-<pid>-<hex>`` folders crashed writers left in ``parent``; return them.
 
     Folders of processes still alive on this host are kept. A ``.<name>.old-…`` folder left by a crash while
-    publishing is renamed back to ``<name>`` if that is missing, and removed if ``<name>`` is complete.
+    publishing is renamed back to ``<name>`` if that is missing, and removed if ``<name>`` is complete
+    (:func:`lightning_bridge.publish.cleanup_stale_temp_dirs` with a check of the safetensors checkpoint).
     """
-    parent, removed = Path(parent), []
-    for path in sorted(parent.iterdir()) if parent.is_dir() else []:
-        match = _TEMP_DIR.match(path.name)
-        if not match or not path.is_dir() or _alive(int(match["pid"])):
-            continue
-        final = parent / match["final"]
-        if match["kind"] == "old":
-            if not final.exists():
-                os.rename(path, final)
-                logger.warning("Restored %s from %s (a writer crashed while publishing).", final, path)
-                continue
-            if not is_complete_checkpoint(final):
-                continue
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("Removed stale temporary folder %s", path)
-        removed.append(path)
-    return removed
+    return publish.cleanup_stale_temp_dirs(parent, is_complete=is_complete_checkpoint)

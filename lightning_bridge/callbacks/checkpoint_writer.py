@@ -44,15 +44,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_bridge.callbacks.checkpoint_folder import LATEST, get_rank, temp_token
+from lightning_bridge.callbacks.checkpoint_folder import LATEST, get_rank
 from lightning_bridge.hf_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     ShardedSafetensorsWriter,
     TensorSpec,
-    _fsync,
     plan_shards,
 )
+from lightning_bridge.publish import fsync_path, publish_folder
 
 if TYPE_CHECKING:
     from lightning_bridge.callbacks.hf_checkpoint import HFCheckpoint
@@ -335,16 +335,9 @@ class SaveJob:
             index = {"metadata": {"total_size": layout.total_bytes},
                      "weight_map": dict(sorted(weight_map.items()))}
             (root / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(root / SAFE_WEIGHTS_INDEX_NAME)
-        _fsync(root)
-        if self.final_dir.exists():  # left by an earlier run: swap it out, as hf_io's writer does
-            old = self.cb.dirpath / f".{self.final_dir.name}.old-{temp_token()}"
-            os.rename(self.final_dir, old)
-            os.rename(root, self.final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(root, self.final_dir)
-        _fsync(self.cb.dirpath)
+            fsync_path(root / SAFE_WEIGHTS_INDEX_NAME)
+        fsync_path(root)
+        publish_folder(root, self.final_dir)  # a step-N left by an earlier run is swapped out, with rollback
 
 
 def on_gpu(chunks: Sequence[torch.nn.Module]) -> bool:
