@@ -18,12 +18,16 @@ re-slices each tensor, and re-pads the vocabulary rows when the padded size diff
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import shutil
 import warnings
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,17 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from lightning_bridge.bridge import TOKENIZER_FILES, AutoBridge
 from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.provider import GPTModelProvider
-from lightning_bridge.publish import broadcast, make_staging_folder, publish_folder, rank, run_on_rank_zero
+from lightning_bridge.publish import (
+    CheckpointIOError,
+    broadcast,
+    corrupt_checkpoint,
+    error_code,
+    make_staging_folder,
+    publish_folder,
+    rank,
+    run_on_rank_zero,
+    save_fault,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +104,14 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], bridge: AutoBrid
         publish_folder(staging, final)
 
     try:
-        dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
-        run_on_rank_zero(finish)
+        try:
+            dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
+        except BaseException as exc:  # torch's CheckpointException is not an Exception
+            fault = save_fault(exc, final, f"write the Megatron checkpoint {final}", probe=staging)
+            if fault is None:
+                raise
+            raise fault from exc
+        run_on_rank_zero(finish, target=final)
     except BaseException:
         if rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
@@ -215,7 +235,7 @@ def load_model_weights(chunks: Sequence[torch.nn.Module], path: str | os.PathLik
     from megatron.core import dist_checkpointing
 
     check_megatron_checkpoint(path)
-    with warnings.catch_warnings():  # megatron-core 0.16's own use of torch APIs torch deprecates
+    with warnings.catch_warnings(), _read_faults(path):  # megatron-core 0.16's own use of deprecated torch APIs
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
         prefix = _model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
@@ -251,6 +271,38 @@ class _CheckpointBridge(AutoBridge):
         if self.files_dir is None:
             return []
         return [self.files_dir / name for name in TOKENIZER_FILES if (self.files_dir / name).is_file()]
+
+
+_CORRUPT = (EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile)
+
+
+def _corruption(exc: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The error that says a file is corrupt or truncated, in ``exc``, its causes, or the per-rank
+    failures torch's ``CheckpointException`` carries; None when the fault is something else."""
+    if isinstance(exc, tuple):  # torch wraps each rank's failure as (exception, stack summary)
+        exc = exc[0] if exc else None
+    if not isinstance(exc, BaseException) or depth > 8:
+        return None
+    if isinstance(exc, _CORRUPT) or "PytorchStreamReader failed" in str(exc):
+        return exc
+    inner = [exc.__cause__, exc.__context__, *(getattr(exc, "failures", None) or {}).values()]
+    return next((found for e in inner if (found := _corruption(e, depth + 1)) is not None), None)
+
+
+@contextlib.contextmanager
+def _read_faults(path: Path) -> Iterator[None]:
+    """Raise a corrupt or truncated checkpoint, or one this user may not read, as a CheckpointIOError."""
+    try:
+        yield
+    except BaseException as exc:
+        if (found := _corruption(exc)) is not None:
+            why = f"{type(found).__name__}: {found}".rstrip(": ")
+            raise corrupt_checkpoint(path, why, "Copy it again if it came from elsewhere, or write it again "
+                                                "(convert hf-to-megatron, or the training run's checkpoint).") from exc
+        if error_code(exc) in (errno.EACCES, errno.EPERM):
+            raise CheckpointIOError(errno.EACCES, f"Could not read the checkpoint {path}: permission denied. "
+                                                  "Make its files readable for this user.", path) from exc
+        raise
 
 
 def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:

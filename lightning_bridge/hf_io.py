@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import struct
 import threading
@@ -24,7 +22,7 @@ from tqdm.auto import tqdm
 from lightning_bridge.mapped_read import MappedFile
 from lightning_bridge.pinned_read import read_to_device
 from lightning_bridge import publish
-from lightning_bridge.publish import fsync_path, publish_folder, staging_path
+from lightning_bridge.publish import error_code, fsync_path, publish_folder, save_fault, staging_path
 from lightning_bridge.safetensors_stream import DTYPE_CODES, StreamedSafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -373,21 +371,17 @@ class ShardedSafetensorsWriter:
             self._fail(exc, "create a temporary folder")
 
     def _fail(self, exc: BaseException, doing: str) -> NoReturn:
+        """Abort, and raise ``exc`` as an error naming the folder and the fix (a
+        :class:`~lightning_bridge.publish.CheckpointIOError` for a disk fault)."""
         self.abort()
-        code = getattr(exc, "errno", None)
-        if code is None and (match := re.search(r"os error (\d+)", str(exc))):  # from SafetensorError
-            code = int(match.group(1))
+        doing = f"{doing} while saving the checkpoint to {self.final_dir}"
+        fault = save_fault(exc, self.final_dir, doing, probe=self.final_dir.parent)
+        if fault is not None:
+            raise fault from exc
+        code = error_code(exc)
         reason = os.strerror(code).lower() if code else str(exc)
-        where = self.final_dir.parent
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            hint = f"free disk space on the filesystem of {where} (or choose a bigger disk) and save again"
-        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-            hint = f"make {where} writable for this user or choose another directory"
-        else:
-            hint = "fix the cause above and save again"
-        message = (f"Could not {doing} while saving the checkpoint to {self.final_dir}: {reason}. "
-                   f"The partial output was removed and {self.final_dir} was not touched; {hint}.")
-        raise OSError(code, message) from exc
+        raise OSError(code, f"Could not {doing}: {reason}. The partial output was removed and {self.final_dir} "
+                            "was not touched; fix the cause above and save again.") from exc
 
     def _check_open(self) -> None:
         if self._state != "open":

@@ -12,7 +12,10 @@ complete, so a reader (or a crash) never sees half of one under its final name:
   folder a crash left renamed aside;
 - in a distributed save one rank stages and publishes: :func:`make_staging_folder` and
   :func:`run_on_rank_zero` raise that rank's error on every rank, so no rank waits in a collective
-  that never comes.
+  that never comes;
+- faults of the disk or of the files (disk full, permission denied, read-only target, a corrupt or
+  truncated checkpoint) are raised as one type, :class:`CheckpointIOError`, whose message names the
+  path and the fix (the CLI prints it as one line).
 
 Writers: :class:`~lightning_bridge.hf_io.ShardedSafetensorsWriter`, ``save_megatron_checkpoint``,
 ``MegatronBridgeStrategy.save_checkpoint`` and ``HFCheckpoint`` (both modes).
@@ -36,6 +39,87 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+# --- the error of a save or load fault -----------------------------------------------------------
+class CheckpointIOError(OSError, RuntimeError):
+    """A checkpoint could not be saved or loaded because of the disk or the files: disk full,
+    permission denied, a read-only target, a corrupt or truncated checkpoint. ``str()`` is one
+    sentence naming the path and the fix; ``errno`` is kept, ``path`` is the checkpoint.
+
+    An ``OSError``; also a ``RuntimeError``, which is what these faults raised before in
+    distributed saves, so code that caught that keeps working.
+    """
+
+    def __init__(self, code: int | None, message: str, path: str | os.PathLike | None = None):
+        super().__init__(code, message)
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return self.strerror
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.errno, self.strerror, self.path)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]|os error (\d+)")  # inside torch's / safetensors' messages
+
+
+def error_code(exc: BaseException) -> int | None:
+    """The errno of an OS error, also when a library wrapped it in its own error's text."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int):
+        return code
+    match = _ERRNO_IN_TEXT.search(str(exc))
+    return int(match[1] or match[2]) if match else None
+
+
+def write_probe_error(folder: str | os.PathLike) -> int | None:
+    """The errno a small write into ``folder`` fails with now (None when it succeeds): the diagnosis of
+    a library's write failure that lost its errno (torch's "unexpected pos" on a full disk)."""
+    probe = Path(folder) / f".write-probe-{temp_token()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError as exc:
+        return exc.errno
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def save_fault(exc: BaseException, target: str | os.PathLike, doing: str, *,
+               outcome: str | None = None, probe: str | os.PathLike | None = None) -> CheckpointIOError | None:
+    """``exc`` as a :class:`CheckpointIOError` when it is a disk fault (disk full, no permission,
+    read-only), else None. ``doing`` completes "Could not ..."; ``outcome`` says what was left (by
+    default: nothing, the target untouched); with ``probe`` (a folder on the target's disk) a
+    failure without an errno is diagnosed by a small write there."""
+    if isinstance(exc, CheckpointIOError):
+        return exc
+    code = error_code(exc)
+    if code is None and probe is not None and not isinstance(exc, (ValueError, TypeError, KeyboardInterrupt)) \
+            and Path(probe).is_dir():
+        code = write_probe_error(probe)
+    target = Path(target)
+    where = target.parent
+    if code in _DISK_FULL:
+        fix = f"free disk space on the filesystem of {where} (or choose a bigger disk) and save again"
+    elif code in _NOT_WRITABLE:
+        fix = f"make {where} writable for this user or choose another directory"
+    else:
+        return None
+    outcome = outcome or f"The partial output was removed and {target} was not touched"
+    return CheckpointIOError(code, f"Could not {doing}: {os.strerror(code).lower()}. {outcome}; {fix}.", target)
+
+
+def corrupt_checkpoint(path: str | os.PathLike, why: str, fix: str) -> CheckpointIOError:
+    """The error for a checkpoint whose files are corrupt or truncated."""
+    return CheckpointIOError(errno.EIO, f"The checkpoint {path} is corrupt or truncated ({why}). {fix}", path)
 
 
 # --- names --------------------------------------------------------------------------------------
@@ -145,21 +229,36 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
-def raise_on_every_rank(error: str | None, what: str = "Saving the Megatron checkpoint") -> None:
-    """Raise rank 0's ``error`` (a description, or None) on every rank. Collective."""
+def raise_on_every_rank(error: BaseException | str | None, what: str = "Saving the Megatron checkpoint") -> None:
+    """Raise rank 0's ``error`` (an exception, a description, or None) on every rank. Collective.
+
+    A :class:`CheckpointIOError` stays one (its message already says what and how to fix it); any
+    other error becomes ``RuntimeError("<what> failed: <type>: <message>")``.
+    """
+    if isinstance(error, CheckpointIOError):
+        error = (error.errno, error.strerror, error.path)
+    elif isinstance(error, BaseException):
+        error = f"{type(error).__name__}: {error}"
     error = broadcast(error)
+    if isinstance(error, tuple):
+        raise CheckpointIOError(*error)
     if error:
         raise RuntimeError(f"{what} failed: {error}")
 
 
-def run_on_rank_zero(action: Callable[[], Any], what: str = "Saving the Megatron checkpoint") -> None:
-    """Run ``action`` on rank 0 only and raise its error, if any, on every rank. Collective."""
+def run_on_rank_zero(action: Callable[[], Any], what: str = "Saving the Megatron checkpoint",
+                     target: str | os.PathLike | None = None) -> None:
+    """Run ``action`` on rank 0 only and raise its error, if any, on every rank. Collective.
+
+    With ``target`` (the checkpoint being written) a disk fault is raised as a :class:`CheckpointIOError`."""
     error = None
     if rank() == 0:
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - every rank must reach the broadcast
-            error = f"{type(exc).__name__}: {exc}"
+            error = exc
+            if target is not None:
+                error = save_fault(exc, target, f"save the checkpoint {target}") or exc
     raise_on_every_rank(error, what)
 
 
@@ -175,5 +274,5 @@ def make_staging_folder(final: str | os.PathLike, check: Callable[[], None] | No
         cleanup_stale_temp_dirs(staging.parent, final_name=Path(final).name)
         staging.mkdir(parents=True)
 
-    run_on_rank_zero(create, what)
+    run_on_rank_zero(create, what, target=final)
     return staging

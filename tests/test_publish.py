@@ -132,3 +132,51 @@ def test_rank_zero_errors_reach_every_rank(tmp_path):
     assert results[0][2] == "Saving the test checkpoint failed: ValueError: bad metadata"
     assert [r[3] for r in results] == ["0", "1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_checkpoint_io_error_names_the_path_and_the_fix(tmp_path):
+    import errno
+    import pickle
+
+    from lightning_bridge.publish import CheckpointIOError, error_code, save_fault
+
+    target = tmp_path / "out"
+    full = save_fault(RuntimeError("Worker failure: [Errno 28] No space left on device"), target, f"write {target}")
+    assert isinstance(full, CheckpointIOError) and isinstance(full, OSError) and isinstance(full, RuntimeError)
+    assert str(full) == (f"Could not write {target}: no space left on device. The partial output was removed and "
+                         f"{target} was not touched; free disk space on the filesystem of {tmp_path} (or choose a "
+                         "bigger disk) and save again.")
+    assert (full.errno, full.path) == (errno.ENOSPC, str(target))
+    again = pickle.loads(pickle.dumps(full))
+    assert (type(again), str(again), again.path) == (CheckpointIOError, str(full), str(target))
+    read_only = save_fault(OSError(errno.EROFS, "Read-only file system"), target, "save")
+    assert "read-only file system" in str(read_only) and f"make {tmp_path} writable" in str(read_only)
+    assert save_fault(ValueError("bad config"), target, "save", probe=tmp_path) is None
+    assert save_fault(OSError(errno.ENOENT, "gone"), target, "save") is None
+    assert error_code(RuntimeError("safetensors: os error 13")) == errno.EACCES
+
+
+def test_a_write_failure_without_errno_is_diagnosed_by_a_probe(tmp_path, monkeypatch):
+    import errno
+
+    from lightning_bridge.publish import save_fault
+
+    lost = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    assert save_fault(lost, tmp_path / "out", "save", probe=tmp_path) is None  # the disk is fine: not ours
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    assert save_fault(lost, tmp_path / "out", "save", probe=tmp_path).errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []  # the probe file is gone
+
+
+def test_raise_on_every_rank_keeps_a_checkpoint_io_error():
+    from lightning_bridge.publish import CheckpointIOError, raise_on_every_rank
+
+    with pytest.raises(CheckpointIOError, match="^Could not save x: disk full.$"):
+        raise_on_every_rank(CheckpointIOError(28, "Could not save x: disk full.", "x"))
+    with pytest.raises(RuntimeError, match="^Saving the Megatron checkpoint failed: KeyError: 'a'$"):
+        raise_on_every_rank(KeyError("a"))
+    raise_on_every_rank(None)
