@@ -15,8 +15,6 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NoReturn
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightning_bridge.mapped_read import MappedFile
@@ -335,7 +333,8 @@ def plan_shards(specs: Sequence[TensorSpec], *, max_shard_size: int = 5 * 2**30,
 class ShardedSafetensorsWriter:
     """Writes a planned set of safetensors shards as their tensors arrive, then publishes the folder
     atomically. With ``specs`` (name, shape, dtype of every tensor) each tensor is written at its place
-    at once and not kept; without, a shard's tensors are kept until it is complete."""
+    at once and not kept; without, a shard's tensors are kept until it is complete. Either way the
+    bytes go through one path, :class:`~lightning_bridge.safetensors_stream.StreamedSafetensorsFile`."""
 
     def __init__(self, final_dir: str | os.PathLike, plan: dict[str, list[str]], *,
                  metadata: dict[str, str] | None = None, show_progress: bool = False,
@@ -354,7 +353,7 @@ class ShardedSafetensorsWriter:
         self.plan = {file: list(group) for file, group in plan.items() if group}
         self.metadata = {"format": "pt", **(metadata or {})}
         # A shard whose every tensor has a spec is streamed: each tensor is written as it arrives.
-        # Without specs a shard's tensors are buffered until it is complete, then saved at once.
+        # Without specs a shard's tensors are buffered until it is complete, then streamed at once.
         spec_of = {spec.name: spec for spec in specs}
         self._specs = {file: [spec_of[n] for n in group] for file, group in self.plan.items()
                        if all(n in spec_of for n in group)}
@@ -423,23 +422,12 @@ class ShardedSafetensorsWriter:
             logger.debug("Wrote %s (%d tensors, %d bytes)", stream.path, len(self.plan[file]), stream.nbytes)
 
     def _write_shard(self, file: str) -> None:
-        tensors, seen = self._pending.pop(file), set()
-        for name, tensor in tensors.items():  # safetensors refuses names sharing memory (tied weights)
-            ptr = tensor.untyped_storage().data_ptr()
-            if ptr and ptr in seen:
-                tensors[name] = tensor.clone()
-            seen.add(ptr)
-        path = self.tmp_dir / file
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, path, metadata=self.metadata)
-        except (OSError, SafetensorError) as exc:
-            self._fail(exc, f"write shard {file}")
-        nbytes = sum(t.nbytes for t in tensors.values())
-        self._written.update(tensors)
-        self._total_size += nbytes
-        self._progress.update(nbytes)
-        logger.debug("Wrote %s (%d tensors, %d bytes)", path, len(tensors), nbytes)
+        """A buffered shard is complete: write it through the same streamed writer, now that its
+        tensors are known (one write path; the file is byte for byte what ``save_file`` writes)."""
+        tensors = self._pending.pop(file)
+        self._specs[file] = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        for name, tensor in tensors.items():
+            self._stream(file, name, tensor)
 
     def _write_extra(self, relative_name: str, write: Callable[[Path], object]) -> None:
         self._check_open()

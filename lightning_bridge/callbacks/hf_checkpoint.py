@@ -206,7 +206,7 @@ class HFCheckpoint(pl.Callback):
         layout = self._layout_for(bridge, chunks)
         if layout.staged_all and on_gpu(chunks):
             for name in layout.received:
-                self._pinned(name, layout.shapes[name], layout.dtypes[name], keep=True)
+                self._pinned(name, layout.shapes[name], layout.dtypes[name], True)
 
     def save_now(self, trainer: Any) -> bool:
         """Save at ``trainer.global_step`` now, from ``trainer.strategy.bridge`` / ``.model_chunks``.
@@ -230,7 +230,8 @@ class HFCheckpoint(pl.Callback):
         chunks = list(model_chunks)
         layout = self._layout_for(bridge, chunks)
         self._saved_steps.add(step)
-        job = SaveJob(self, layout, step)
+        job = SaveJob(layout, step, dirpath=self.dirpath, token=self._token, pinned=self._pinned,
+                      after_publish=self._after_publish, show_progress=self.show_progress)
         job.waited_s = waited
         job.start()
         self._pending = job
