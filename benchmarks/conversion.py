@@ -181,7 +181,7 @@ def _raw_write(tensors: dict[str, torch.Tensor], weight_map: dict[str, str], fol
     """The baseline: the same host tensors in the same files, ``safetensors.save_file`` and fsync each."""
     from safetensors.torch import save_file
 
-    from lightning_bridge.hf_io import _fsync
+    from lightning_bridge.publish import fsync_path
 
     os.makedirs(folder)
     files: dict[str, list[str]] = {}
@@ -190,7 +190,7 @@ def _raw_write(tensors: dict[str, torch.Tensor], weight_map: dict[str, str], fol
     start = time.perf_counter()
     for file, names in files.items():
         save_file({n: tensors[n].contiguous() for n in names}, os.path.join(folder, file), metadata={"format": "pt"})
-        _fsync(Path(folder) / file)
+        fsync_path(Path(folder) / file)
     elapsed = round(time.perf_counter() - start, 3)
     shutil.rmtree(folder)
     return elapsed

@@ -35,7 +35,8 @@ from shapes import llama_config
 from lightning_bridge import AutoBridge
 from lightning_bridge.callbacks import HFCheckpoint
 from lightning_bridge.distributed import initialize_distributed
-from lightning_bridge.hf_io import _fsync, plan_shards
+from lightning_bridge.hf_io import plan_shards
+from lightning_bridge.publish import fsync_path
 
 
 def main() -> None:
@@ -149,7 +150,7 @@ def _raw_write(bridge: AutoBridge, chunks: list, folder: Path, max_shard_size: i
             start = time.perf_counter()
             for file, names in plan.items():
                 save_file({name: tensors[name] for name in names}, folder / file, metadata={"format": "pt"})
-                _fsync(folder / file)
+                fsync_path(folder / file)
             times.append(round(time.perf_counter() - start, 3))
             shutil.rmtree(folder)
         result.update(raw_write_s=times[0], raw_write_repeats_s=times, raw_shards=len(plan),

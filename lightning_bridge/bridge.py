@@ -30,6 +30,7 @@ from lightning_bridge.conversion.exporting import ExportMode, export_hf_weights,
 from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_weights
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
+from lightning_bridge.publish import raise_on_every_rank
 from lightning_bridge.provider import GPTModelProvider
 
 logger = logging.getLogger(__name__)
@@ -201,17 +202,22 @@ class AutoBridge:
         specs = self.hf_tensor_specs(chunks, dtype=dtype)
         shard_plan = plan_shards(specs, max_shard_size=max_shard_size, source_weight_map=self.source_weight_map())
         writer = None
-        error: str | None = None
+        error: Exception | None = None
         if dist.get_rank() == 0:
-            writer = ShardedSafetensorsWriter(path, shard_plan, show_progress=show_progress, overwrite=overwrite,
-                                              specs=specs)
+            try:
+                writer = ShardedSafetensorsWriter(path, shard_plan, show_progress=show_progress,
+                                                  overwrite=overwrite, specs=specs)
+            except Exception as exc:
+                if dist.get_world_size() == 1:
+                    raise
+                error = exc  # raised below on every rank, after the export's collectives
         try:
             for name, tensor in self.export_hf_weights(chunks, dtype=dtype, mode="consolidate"):
                 if writer is not None and error is None:
                     try:
                         writer.add(name, tensor)
                     except Exception as exc:  # keep draining: other ranks are in collectives
-                        error, writer = f"{type(exc).__name__}: {exc}", writer.abort()
+                        error, writer = exc, writer.abort()
             if writer is not None and error is None:
                 for relative, data in (extra_files or {}).items():
                     writer.add_file(relative, data)
@@ -221,12 +227,8 @@ class AutoBridge:
         except Exception as exc:
             if writer is not None:
                 writer.abort()
-            error = error or f"{type(exc).__name__}: {exc}"
-        errors = [error]
-        if dist.get_world_size() > 1:
-            dist.broadcast_object_list(errors, src=0)
-        if errors[0]:
-            raise RuntimeError(f"Saving HF weights to {path} failed: {errors[0]}")
+            error = error or exc
+        raise_on_every_rank(error, what=f"Saving HF weights to {path}")  # a disk fault stays a CheckpointIOError
         return Path(path)
 
     def save_hf_pretrained(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,

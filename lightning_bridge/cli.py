@@ -42,8 +42,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "bfloat16", "float16")
-# Errors a user can fix from the message alone (bad path, unknown Hub id, unsupported model, layout):
-# printed without a traceback.
+# Errors a user can fix from the message alone (bad path, unknown Hub id, unsupported model, layout; a
+# full disk, a read-only or unwritable output, a corrupt checkpoint: a CheckpointIOError, an OSError):
+# printed as one line without a traceback (--debug shows it).
 _USER_ERRORS = (ValueError, OSError, TypeError)
 
 
@@ -62,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "roundtrip":
             return _roundtrip(args.model, args.output)
     except _USER_ERRORS as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"lightning-bridge {args.command}: error: {exc}", file=sys.stderr)
         return 1
     from lightning_bridge.testing.hub_emulator import main as hub_main
@@ -73,13 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-bridge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
 
     convert = commands.add_parser("convert", help="HF <-> Megatron-Core distributed checkpoint, at any layout",
                                   description=_CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     directions = convert.add_subparsers(dest="direction", required=True)
     for direction, help_text in (("hf-to-megatron", "an HF checkpoint -> a Megatron distributed checkpoint"),
                                  ("megatron-to-hf", "a Megatron distributed checkpoint -> an HF checkpoint")):
-        sub = directions.add_parser(direction, help=help_text, description=help_text)
+        sub = directions.add_parser(direction, help=help_text, description=help_text, parents=[debug])
         src_help = ("HF checkpoint folder or Hub id" if direction == "hf-to-megatron"
                     else "Megatron checkpoint folder (from convert, or a MegatronBridgeStrategy .ckpt folder)")
         sub.add_argument("src", help=src_help)
@@ -101,10 +106,12 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("fit", help="train with LightningCLI + MegatronBridgeStrategy (see `fit --help`)",
                         add_help=False)
-    inspect = commands.add_parser("inspect", help="supported models, or a checkpoint's config and mapping table")
+    inspect = commands.add_parser("inspect", help="supported models, or a checkpoint's config and mapping table",
+                                  parents=[debug])
     inspect.add_argument("model", nargs="?", help="HF id or local checkpoint folder")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    roundtrip = commands.add_parser("roundtrip", help="HF -> Megatron -> HF, with logits and bitwise checks")
+    roundtrip = commands.add_parser("roundtrip", help="HF -> Megatron -> HF, with logits and bitwise checks",
+                                    parents=[debug])
     roundtrip.add_argument("model", nargs="?", help="HF id or local folder (default: the built-in tiny Llama)")
     roundtrip.add_argument("--output", default="outputs/roundtrip")
     hub = commands.add_parser("hub", help="a local Hugging Face Hub emulator")
@@ -132,6 +139,8 @@ def _convert(args: argparse.Namespace) -> int:
     from lightning_bridge import dist_checkpoint
 
     started = time.perf_counter()
+    if not args.debug:  # its write failures (a full disk) end in our one-line error; it would log them first
+        logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
     src, dst = Path(args.src), Path(args.dst)
     dist_checkpoint.check_output_folder(dst, args.overwrite)
     if args.direction == "megatron-to-hf":

@@ -18,13 +18,16 @@ re-slices each tensor, and re-pads the vocabulary rows when the padded size diff
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
-import secrets
+import pickle
 import shutil
 import warnings
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,17 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 from lightning_bridge.bridge import TOKENIZER_FILES, AutoBridge
 from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.publish import (
+    CheckpointIOError,
+    broadcast,
+    corrupt_checkpoint,
+    error_code,
+    make_staging_folder,
+    publish_folder,
+    rank,
+    run_on_rank_zero,
+    save_fault,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,29 +96,24 @@ def save_megatron_checkpoint(chunks: Sequence[torch.nn.Module], bridge: AutoBrid
     """
     from megatron.core import dist_checkpointing
 
-    final = Path(_broadcast(str(Path(path).absolute())))
-    staging = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    staging = Path(_broadcast(str(staging)))
-    error = None
-    if _rank() == 0:
-        try:
-            check_output_folder(final, overwrite)
-            staging.mkdir(parents=True)
-        except (OSError, FileExistsError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
-    raise_on_every_rank(error)
+    final = Path(broadcast(str(Path(path).absolute())))
+    staging = make_staging_folder(final, check=lambda: check_output_folder(final, overwrite))
+
+    def finish() -> None:
+        write_hf_metadata(bridge, staging, _provider_of(chunks))
+        publish_folder(staging, final)
+
     try:
-        dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
-        error = None
-        if _rank() == 0:
-            try:
-                write_hf_metadata(bridge, staging, _provider_of(chunks))
-                publish_folder(staging, final)
-            except (OSError, ValueError, TypeError, RuntimeError) as exc:  # reported on every rank
-                error = f"{type(exc).__name__}: {exc}"
-        raise_on_every_rank(error)
+        try:
+            dist_checkpointing.save({"state_dict": sharded_model_state_dict(chunks, prefix="")}, str(staging))
+        except BaseException as exc:  # torch's CheckpointException is not an Exception
+            fault = save_fault(exc, final, f"write the Megatron checkpoint {final}", probe=staging)
+            if fault is None:
+                raise
+            raise fault from exc
+        run_on_rank_zero(finish, target=final)
     except BaseException:
-        if _rank() == 0:
+        if rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     logger.info("Saved a Megatron distributed checkpoint to %s", final)
@@ -226,7 +235,7 @@ def load_model_weights(chunks: Sequence[torch.nn.Module], path: str | os.PathLik
     from megatron.core import dist_checkpointing
 
     check_megatron_checkpoint(path)
-    with warnings.catch_warnings():  # megatron-core 0.16's own use of torch APIs torch deprecates
+    with warnings.catch_warnings(), _read_faults(path):  # megatron-core 0.16's own use of deprecated torch APIs
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
         prefix = _model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
@@ -264,6 +273,38 @@ class _CheckpointBridge(AutoBridge):
         return [self.files_dir / name for name in TOKENIZER_FILES if (self.files_dir / name).is_file()]
 
 
+_CORRUPT = (EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile)
+
+
+def _corruption(exc: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The error that says a file is corrupt or truncated, in ``exc``, its causes, or the per-rank
+    failures torch's ``CheckpointException`` carries; None when the fault is something else."""
+    if isinstance(exc, tuple):  # torch wraps each rank's failure as (exception, stack summary)
+        exc = exc[0] if exc else None
+    if not isinstance(exc, BaseException) or depth > 8:
+        return None
+    if isinstance(exc, _CORRUPT) or "PytorchStreamReader failed" in str(exc):
+        return exc
+    inner = [exc.__cause__, exc.__context__, *(getattr(exc, "failures", None) or {}).values()]
+    return next((found for e in inner if (found := _corruption(e, depth + 1)) is not None), None)
+
+
+@contextlib.contextmanager
+def _read_faults(path: Path) -> Iterator[None]:
+    """Raise a corrupt or truncated checkpoint, or one this user may not read, as a CheckpointIOError."""
+    try:
+        yield
+    except BaseException as exc:
+        if (found := _corruption(exc)) is not None:
+            why = f"{type(found).__name__}: {found}".rstrip(": ")
+            raise corrupt_checkpoint(path, why, "Copy it again if it came from elsewhere, or write it again "
+                                                "(convert hf-to-megatron, or the training run's checkpoint).") from exc
+        if error_code(exc) in (errno.EACCES, errno.EPERM):
+            raise CheckpointIOError(errno.EACCES, f"Could not read the checkpoint {path}: permission denied. "
+                                                  "Make its files readable for this user.", path) from exc
+        raise
+
+
 def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:
     """Keys of a DDP / Float16Module state dict, as the bare GPTModel names them."""
     stripped = {}
@@ -288,37 +329,3 @@ def _model_key_prefix(tensors: dict[str, Any]) -> str:
 def _provider_of(chunks: Sequence[torch.nn.Module]) -> GPTModelProvider | None:
     config = getattr(unwrap(chunks[0]), "config", None)
     return config if isinstance(config, GPTModelProvider) else None
-
-
-def publish_folder(staging: Path, final: Path) -> None:
-    """Rename ``staging`` into place; ``final`` is always either the old or the new folder."""
-    if not final.exists():
-        os.rename(staging, final)
-        return
-    old = final.parent / f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(final, old)
-    try:
-        os.rename(staging, final)
-    except OSError:
-        os.rename(old, final)
-        raise
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast(value: Any) -> Any:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    objects = [value]
-    dist.broadcast_object_list(objects, src=0)
-    return objects[0]
-
-
-def raise_on_every_rank(error: str | None) -> None:
-    """Raise rank 0's error on every rank (so no rank waits in a collective that never comes)."""
-    error = _broadcast(error)
-    if error:
-        raise RuntimeError(f"Saving the Megatron checkpoint failed: {error}")

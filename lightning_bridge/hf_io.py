@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import math
 import os
-import re
-import secrets
 import shutil
 import struct
 import threading
@@ -19,12 +15,12 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NoReturn
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lightning_bridge.mapped_read import MappedFile
 from lightning_bridge.pinned_read import read_to_device
+from lightning_bridge import publish
+from lightning_bridge.publish import error_code, fsync_path, publish_folder, save_fault, staging_path
 from lightning_bridge.safetensors_stream import DTYPE_CODES, StreamedSafetensorsFile
 
 logger = logging.getLogger(__name__)
@@ -34,7 +30,6 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
-_TEMP_DIR = re.compile(r"^\.(?P<final>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}  # safetensors dtype code -> torch
 
 
@@ -335,19 +330,11 @@ def plan_shards(specs: Sequence[TensorSpec], *, max_shard_size: int = 5 * 2**30,
     return plan
 
 
-def _fsync(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some platforms cannot open or fsync directories
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class ShardedSafetensorsWriter:
     """Writes a planned set of safetensors shards as their tensors arrive, then publishes the folder
     atomically. With ``specs`` (name, shape, dtype of every tensor) each tensor is written at its place
-    at once and not kept; without, a shard's tensors are kept until it is complete."""
+    at once and not kept; without, a shard's tensors are kept until it is complete. Either way the
+    bytes go through one path, :class:`~lightning_bridge.safetensors_stream.StreamedSafetensorsFile`."""
 
     def __init__(self, final_dir: str | os.PathLike, plan: dict[str, list[str]], *,
                  metadata: dict[str, str] | None = None, show_progress: bool = False,
@@ -366,7 +353,7 @@ class ShardedSafetensorsWriter:
         self.plan = {file: list(group) for file, group in plan.items() if group}
         self.metadata = {"format": "pt", **(metadata or {})}
         # A shard whose every tensor has a spec is streamed: each tensor is written as it arrives.
-        # Without specs a shard's tensors are buffered until it is complete, then saved at once.
+        # Without specs a shard's tensors are buffered until it is complete, then streamed at once.
         spec_of = {spec.name: spec for spec in specs}
         self._specs = {file: [spec_of[n] for n in group] for file, group in self.plan.items()
                        if all(n in spec_of for n in group)}
@@ -376,31 +363,24 @@ class ShardedSafetensorsWriter:
         self._total_size, self._state = 0, "open"
         self._progress = tqdm(desc=f"Saving {self.final_dir.name}", unit="B", unit_scale=True,
                               disable=not show_progress)
-        self.tmp_dir = self._sibling("tmp")
+        self.tmp_dir = staging_path(self.final_dir)
         try:
             self.tmp_dir.mkdir(parents=True)
         except OSError as exc:
             self._fail(exc, "create a temporary folder")
 
-    def _sibling(self, kind: str) -> Path:
-        return self.final_dir.parent / f".{self.final_dir.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
     def _fail(self, exc: BaseException, doing: str) -> NoReturn:
+        """Abort, and raise ``exc`` as an error naming the folder and the fix (a
+        :class:`~lightning_bridge.publish.CheckpointIOError` for a disk fault)."""
         self.abort()
-        code = getattr(exc, "errno", None)
-        if code is None and (match := re.search(r"os error (\d+)", str(exc))):  # from SafetensorError
-            code = int(match.group(1))
+        doing = f"{doing} while saving the checkpoint to {self.final_dir}"
+        fault = save_fault(exc, self.final_dir, doing, probe=self.final_dir.parent)
+        if fault is not None:
+            raise fault from exc
+        code = error_code(exc)
         reason = os.strerror(code).lower() if code else str(exc)
-        where = self.final_dir.parent
-        if code in (errno.ENOSPC, errno.EDQUOT):
-            hint = f"free disk space on the filesystem of {where} (or choose a bigger disk) and save again"
-        elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
-            hint = f"make {where} writable for this user or choose another directory"
-        else:
-            hint = "fix the cause above and save again"
-        message = (f"Could not {doing} while saving the checkpoint to {self.final_dir}: {reason}. "
-                   f"The partial output was removed and {self.final_dir} was not touched; {hint}.")
-        raise OSError(code, message) from exc
+        raise OSError(code, f"Could not {doing}: {reason}. The partial output was removed and {self.final_dir} "
+                            "was not touched; fix the cause above and save again.") from exc
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -442,23 +422,12 @@ class ShardedSafetensorsWriter:
             logger.debug("Wrote %s (%d tensors, %d bytes)", stream.path, len(self.plan[file]), stream.nbytes)
 
     def _write_shard(self, file: str) -> None:
-        tensors, seen = self._pending.pop(file), set()
-        for name, tensor in tensors.items():  # safetensors refuses names sharing memory (tied weights)
-            ptr = tensor.untyped_storage().data_ptr()
-            if ptr and ptr in seen:
-                tensors[name] = tensor.clone()
-            seen.add(ptr)
-        path = self.tmp_dir / file
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(tensors, path, metadata=self.metadata)
-        except (OSError, SafetensorError) as exc:
-            self._fail(exc, f"write shard {file}")
-        nbytes = sum(t.nbytes for t in tensors.values())
-        self._written.update(tensors)
-        self._total_size += nbytes
-        self._progress.update(nbytes)
-        logger.debug("Wrote %s (%d tensors, %d bytes)", path, len(tensors), nbytes)
+        """A buffered shard is complete: write it through the same streamed writer, now that its
+        tensors are known (one write path; the file is byte for byte what ``save_file`` writes)."""
+        tensors = self._pending.pop(file)
+        self._specs[file] = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        for name, tensor in tensors.items():
+            self._stream(file, name, tensor)
 
     def _write_extra(self, relative_name: str, write: Callable[[Path], object]) -> None:
         self._check_open()
@@ -499,32 +468,15 @@ class ShardedSafetensorsWriter:
                 (self.tmp_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             for root, _, files in os.walk(self.tmp_dir):
                 for file in files:
-                    _fsync(Path(root) / file)
-                _fsync(Path(root))
-            self._publish()
+                    fsync_path(Path(root) / file)
+                fsync_path(Path(root))
+            publish_folder(self.tmp_dir, self.final_dir, overwrite=self.overwrite)
         except OSError as exc:
             self._fail(exc, "publish the checkpoint")
         self._state = "finalized"
         self._progress.close()
         logger.info("Saved %d shard(s), %d bytes, to %s", len(self.plan), self._total_size, self.final_dir)
         return self.final_dir
-
-    def _publish(self) -> None:
-        """Rename the temp folder into place; final_dir is always either the old or the new checkpoint."""
-        if not self.final_dir.exists():
-            os.rename(self.tmp_dir, self.final_dir)
-        elif not self.overwrite:
-            raise FileExistsError(errno.EEXIST, f"{self.final_dir} appeared meanwhile; pass overwrite=True")
-        else:
-            old = self._sibling("old")
-            os.rename(self.final_dir, old)
-            try:
-                os.rename(self.tmp_dir, self.final_dir)
-            except OSError:
-                os.rename(old, self.final_dir)
-                raise
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-        _fsync(self.final_dir.parent)
 
     def abort(self) -> None:
         """Remove the temporary folder and drop buffered tensors; the final folder is never touched."""
@@ -554,36 +506,11 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):
-        pass  # exists but is not ours, or a pid we cannot ask about: assume alive
-    return True
-
-
 def cleanup_stale_temp_dirs(parent: str | os.PathLike) -> list[Path]:
     """Remove the ``.<name>.tmp-<pid>-<hex>`` folders crashed writers left in ``parent``; return them.
 
     Folders of processes still alive on this host are kept. A ``.<name>.old-…`` folder left by a crash while
-    publishing is renamed back to ``<name>`` if that is missing, and removed if ``<name>`` is complete.
+    publishing is renamed back to ``<name>`` if that is missing, and removed if ``<name>`` is complete
+    (:func:`lightning_bridge.publish.cleanup_stale_temp_dirs` with a check of the safetensors checkpoint).
     """
-    parent, removed = Path(parent), []
-    for path in sorted(parent.iterdir()) if parent.is_dir() else []:
-        match = _TEMP_DIR.match(path.name)
-        if not match or not path.is_dir() or _alive(int(match["pid"])):
-            continue
-        final = parent / match["final"]
-        if match["kind"] == "old":
-            if not final.exists():
-                os.rename(path, final)
-                logger.warning("Restored %s from %s (a writer crashed while publishing).", final, path)
-                continue
-            if not is_complete_checkpoint(final):
-                continue
-        shutil.rmtree(path, ignore_errors=True)
-        logger.info("Removed stale temporary folder %s", path)
-        removed.append(path)
-    return removed
+    return publish.cleanup_stale_temp_dirs(parent, is_complete=is_complete_checkpoint)

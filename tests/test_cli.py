@@ -274,3 +274,64 @@ def test_inspect_json_reports_config_shapes_and_parameter_counts(tmp_path, capsy
     assert main(["inspect", str(source)]) == 0
     out = capsys.readouterr().out
     assert "num_query_groups = 2" in out and "x2  megatron [128, 64]  hf [64, 64], [32, 64], [32, 64]" in out
+
+
+def _one_line_error(capsys, path: Path, fix: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("lightning-bridge convert: error: Could not ") and str(path) in err and fix in err, err
+    return err
+
+
+def test_convert_onto_a_full_disk_ends_in_one_line(tmp_path, capsys, monkeypatch):
+    """Simulated ENOSPC: torch's writer loses the errno ("unexpected pos"), the diagnosis finds it."""
+    import errno
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    from lightning_bridge.publish import CheckpointIOError
+
+    source = make_checkpoint("llama", tmp_path / "hf")
+    meg = tmp_path / "meg"
+    assert main(["convert", "hf-to-megatron", str(source), str(meg), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        def torch_write_failure(*args, **kwargs):
+            raise RuntimeError("Worker failure: [enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+        patch.setattr(dist_checkpointing, "save", torch_write_failure)
+        patch.setattr(os, "fsync", disk_full)  # what the disk says now: full
+        assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "out"), "--no-progress"]) == 1
+    _one_line_error(capsys, tmp_path / "out", "no space left on device")
+    monkeypatch.setattr("lightning_bridge.safetensors_stream.StreamedSafetensorsFile._write_at", disk_full)
+    assert main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "hf-out"), "--no-progress"]) == 1
+    _one_line_error(capsys, tmp_path / "hf-out", "free disk space")
+    with pytest.raises(CheckpointIOError, match="no space left on device") as raised:
+        main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "hf-out"), "--no-progress", "--debug"])
+    assert raised.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "meg"]  # nothing half-written
+
+
+def test_convert_onto_a_real_tiny_full_disk(tmp_path, capsys):
+    """A 200 KiB tmpfs as the output disk, when this machine lets us mount one."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        source = make_checkpoint("llama", tmp_path / "hf")
+        assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "meg"), "--no-progress"]) == 0
+        capsys.readouterr()
+        assert main(["convert", "hf-to-megatron", str(source), str(small / "out"), "--no-progress"]) == 1
+        _one_line_error(capsys, small / "out", "free disk space")
+        assert main(["convert", "megatron-to-hf", str(tmp_path / "meg"), str(small / "hf"), "--no-progress"]) == 1
+        _one_line_error(capsys, small / "hf", "free disk space")
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

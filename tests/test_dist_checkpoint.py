@@ -18,6 +18,7 @@ from lightning_bridge.dist_checkpoint import (
     save_megatron_checkpoint,
 )
 from lightning_bridge.hf_io import HFCheckpointReader
+from lightning_bridge.publish import CheckpointIOError
 
 
 @pytest.fixture
@@ -116,3 +117,44 @@ def test_torch_dtype_sets_the_built_models_dtype_and_the_export_keeps_the_source
     reader = HFCheckpointReader(source)
     assert all(tensor.dtype == torch.bfloat16 and torch.equal(tensor, reader.get(name))
                for name, tensor in exported.items())
+
+
+@pytest.mark.parametrize("damage, why", [("truncate_shard", r"\(EOFError\)"),
+                                         ("truncate_metadata", r"\(UnpicklingError: pickle data was truncated\)"),
+                                         ("garble_megatron_metadata", r"\(JSONDecodeError: ")])
+def test_a_corrupt_or_truncated_checkpoint_is_a_checkpoint_io_error(saved, damage, why):
+    _, path = saved
+    if damage == "truncate_shard":
+        shard = sorted(path.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "truncate_metadata":
+        (path / ".metadata").write_bytes((path / ".metadata").read_bytes()[:500])
+    else:
+        (path / "metadata.json").write_text("{garbage")
+    try:
+        with pytest.raises(CheckpointIOError, match=rf"The checkpoint {path} is corrupt or truncated {why}.*"
+                                                    r"Copy it again .* or write it again"):
+            load_megatron_model(path)
+    finally:
+        ps.destroy_model_parallel()
+
+
+def test_a_full_disk_while_writing_shards_is_a_checkpoint_io_error(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    source = make_checkpoint("llama", tmp_path / "hf")
+    bridge = AutoBridge.from_hf_pretrained(source)
+    chunks = bridge.to_megatron_model(show_progress=False)
+
+    def worker_failure(*args, **kwargs):  # how torch's writer reports it, errno in the text
+        raise RuntimeError("Worker failure: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(dist_checkpointing, "save", worker_failure)
+    try:
+        with pytest.raises(CheckpointIOError, match=rf"Could not write the Megatron checkpoint {tmp_path / 'out'}: "
+                                                    r"no space left on device\. .*free disk space") as raised:
+            save_megatron_checkpoint(chunks, bridge, tmp_path / "out")
+    finally:
+        ps.destroy_model_parallel()
+    assert raised.value.errno == 28 and raised.value.path == str(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]

@@ -11,7 +11,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_bridge import hf_io
 from lightning_bridge.hf_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -22,6 +21,7 @@ from lightning_bridge.hf_io import (
     is_complete_checkpoint,
     plan_shards,
 )
+from lightning_bridge.safetensors_stream import StreamedSafetensorsFile
 
 
 def make_tensors() -> dict[str, torch.Tensor]:
@@ -350,7 +350,7 @@ def test_disk_full_gives_clear_error_and_no_output(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(hf_io, "save_file", full)
+    monkeypatch.setattr(StreamedSafetensorsFile, "_write_at", full)  # the one write path
     with pytest.raises(OSError, match=r"out.*no space left on device.*free disk space") as info:
         write(tmp_path / "out", make_tensors(), max_shard_size=600)
     assert info.value.errno == errno.ENOSPC
@@ -362,7 +362,7 @@ def test_disk_full_on_overwrite_keeps_old(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise OSError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(hf_io, "save_file", denied)
+    monkeypatch.setattr(StreamedSafetensorsFile, "_write_at", denied)
     with pytest.raises(OSError, match="permission denied.*writable"):
         write(out, {"b": torch.ones(2)}, overwrite=True)
     assert HFCheckpointReader(out).names() == ["a"] and leftovers(tmp_path) == []
@@ -417,8 +417,6 @@ def test_streamed_shards_equal_buffered_ones_byte_for_byte(tmp_path):
 
 
 def test_streamed_disk_full_gives_clear_error_and_no_output(tmp_path, monkeypatch):
-    from lightning_bridge.safetensors_stream import StreamedSafetensorsFile
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 

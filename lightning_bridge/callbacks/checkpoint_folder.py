@@ -9,23 +9,17 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
-from lightning_bridge.hf_io import _fsync
+from lightning_bridge.publish import fsync_path, staging_path
 
 LATEST = "latest"
 STEP = re.compile(r"^step-(\d+)$")
 # Temporaries HFCheckpoint leaves in dirpath: ``.<final>.tmp-<pid>-<hex>`` / ``.<final>.old-<pid>-<hex>``.
 OURS_TEMP = re.compile(r"^\.(?P<final>step-\d+|latest|hf-probe)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]+$")
-
-
-def temp_token() -> str:
-    """``<pid>-<8 hex>``: the suffix of a temporary name, unique to this process and call."""
-    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def step_folders(dirpath: Path) -> list[int]:
@@ -50,14 +44,14 @@ def has_latest(dirpath: Any) -> bool:
 def atomic_write(path: Path, data: bytes, durable: bool = False) -> None:
     """Write ``path`` through a temporary and ``os.replace``, so a reader never sees half of it;
     ``durable`` also fsyncs the file and its folder."""
-    tmp = path.with_name(f".{path.name}.tmp-{temp_token()}")
+    tmp = staging_path(path)
     try:
         tmp.write_bytes(data)
         if durable:
-            _fsync(tmp)
+            fsync_path(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent)
+            fsync_path(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

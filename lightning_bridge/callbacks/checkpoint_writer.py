@@ -37,25 +37,23 @@ import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from lightning_bridge.callbacks.checkpoint_folder import LATEST, get_rank, temp_token
+from lightning_bridge.callbacks.checkpoint_folder import LATEST, get_rank
 from lightning_bridge.hf_io import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     ShardedSafetensorsWriter,
     TensorSpec,
-    _fsync,
     plan_shards,
 )
+from lightning_bridge.publish import fsync_path, publish_folder
 
-if TYPE_CHECKING:
-    from lightning_bridge.callbacks.hf_checkpoint import HFCheckpoint
+PinnedBuffer = Callable[[str, torch.Size, torch.dtype, bool], torch.Tensor]  # name, shape, dtype, keep
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +105,21 @@ def distribute_plan(specs: Sequence[TensorSpec], destination: dict[str, int],
 
 
 class SaveJob:
-    """One save on this rank: the staging queue (training thread -> writer thread) and the writer."""
+    """One save on this rank: the staging queue (training thread -> writer thread) and the writer.
 
-    def __init__(self, callback: HFCheckpoint, layout: Layout, step: int):
-        self.cb, self.layout, self.step = callback, layout, step
+    It knows nothing of the callback that runs it: ``dirpath`` and ``token`` (rank 0's staging suffix,
+    the same on every rank) say where it writes, ``pinned`` gives a pinned host buffer for a tensor
+    (GPU saves), and ``after_publish`` runs on rank 0's writer once ``step-<n>`` is in place.
+    """
+
+    def __init__(self, layout: Layout, step: int, *, dirpath: Path, token: str, pinned: PinnedBuffer,
+                 after_publish: Callable[[Path], None], show_progress: bool = False):
+        self.layout, self.step, self.dirpath = layout, step, dirpath
+        self._pinned, self._after_publish, self.show_progress = pinned, after_publish, show_progress
         self.rank = get_rank()
-        self.final_dir = callback.dirpath / f"step-{step}"
+        self.final_dir = dirpath / f"step-{step}"
         self.parts = layout.writer_ranks != [0]
-        self.shared_tmp = callback.dirpath / f".step-{step}.tmp-{callback._token}"
+        self.shared_tmp = dirpath / f".step-{step}.tmp-{token}"
         self.own_plan = layout.own_plan(self.rank)
         self.budget, self.staged_all = layout.budget, layout.staged_all
         self.started = time.perf_counter()
@@ -154,7 +159,7 @@ class SaveJob:
             self._staged += nbytes
         event = None
         if tensor.is_cuda:
-            staged = self.cb._pinned(name, tensor.shape, dtype, keep=self.staged_all)
+            staged = self._pinned(name, tensor.shape, dtype, self.staged_all)
             staged.copy_(tensor, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
@@ -216,7 +221,7 @@ class SaveJob:
             if self.error is None:
                 self.published = True
                 self.published_s = time.perf_counter() - self.started
-                self.cb._after_publish(self.final_dir)
+                self._after_publish(self.final_dir)
         except BaseException as exc:  # noqa: BLE001
             if self.published:
                 self.error = (f"the checkpoint {self.final_dir} is complete, but updating {LATEST} or "
@@ -246,7 +251,7 @@ class SaveJob:
         target = self.shared_tmp / PART.format(self.rank) if self.parts else self.final_dir
         specs = [TensorSpec(name, self.layout.shapes[name], self.layout.dtypes[name])
                  for names in self.own_plan.values() for name in names]
-        writer = ShardedSafetensorsWriter(target, self.own_plan, show_progress=self.cb.show_progress,
+        writer = ShardedSafetensorsWriter(target, self.own_plan, show_progress=self.show_progress,
                                           overwrite=target.exists(), specs=specs)
         try:
             while (item := self._next()) is not None:
@@ -335,16 +340,9 @@ class SaveJob:
             index = {"metadata": {"total_size": layout.total_bytes},
                      "weight_map": dict(sorted(weight_map.items()))}
             (root / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-            _fsync(root / SAFE_WEIGHTS_INDEX_NAME)
-        _fsync(root)
-        if self.final_dir.exists():  # left by an earlier run: swap it out, as hf_io's writer does
-            old = self.cb.dirpath / f".{self.final_dir.name}.old-{temp_token()}"
-            os.rename(self.final_dir, old)
-            os.rename(root, self.final_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(root, self.final_dir)
-        _fsync(self.cb.dirpath)
+            fsync_path(root / SAFE_WEIGHTS_INDEX_NAME)
+        fsync_path(root)
+        publish_folder(root, self.final_dir)  # a step-N left by an earlier run is swapped out, with rollback
 
 
 def on_gpu(chunks: Sequence[torch.nn.Module]) -> bool:

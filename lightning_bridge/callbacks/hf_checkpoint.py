@@ -74,7 +74,6 @@ from lightning_bridge.callbacks.checkpoint_folder import (
     get_rank,
     get_world_size,
     step_folders,
-    temp_token,
 )
 from lightning_bridge.callbacks.checkpoint_writer import (
     PART_WAIT_GRACE_S,
@@ -84,7 +83,8 @@ from lightning_bridge.callbacks.checkpoint_writer import (
     distribute_plan,
     on_gpu,
 )
-from lightning_bridge.hf_io import _alive, cleanup_stale_temp_dirs, plan_shards
+from lightning_bridge.hf_io import cleanup_stale_temp_dirs, plan_shards
+from lightning_bridge.publish import process_alive, staging_path, temp_token
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class HFCheckpoint(pl.Callback):
         layout = self._layout_for(bridge, chunks)
         if layout.staged_all and on_gpu(chunks):
             for name in layout.received:
-                self._pinned(name, layout.shapes[name], layout.dtypes[name], keep=True)
+                self._pinned(name, layout.shapes[name], layout.dtypes[name], True)
 
     def save_now(self, trainer: Any) -> bool:
         """Save at ``trainer.global_step`` now, from ``trainer.strategy.bridge`` / ``.model_chunks``.
@@ -230,7 +230,8 @@ class HFCheckpoint(pl.Callback):
         chunks = list(model_chunks)
         layout = self._layout_for(bridge, chunks)
         self._saved_steps.add(step)
-        job = SaveJob(self, layout, step)
+        job = SaveJob(layout, step, dirpath=self.dirpath, token=self._token, pinned=self._pinned,
+                      after_publish=self._after_publish, show_progress=self.show_progress)
         job.waited_s = waited
         job.start()
         self._pending = job
@@ -284,7 +285,7 @@ class HFCheckpoint(pl.Callback):
         cleanup_stale_temp_dirs(path)
         for entry in path.iterdir():
             found = OURS_TEMP.match(entry.name)
-            if found and entry.is_file() and not _alive(int(found["pid"])):
+            if found and entry.is_file() and not process_alive(int(found["pid"])):
                 entry.unlink(missing_ok=True)
         return path
 
@@ -400,7 +401,7 @@ class HFCheckpoint(pl.Callback):
         step = int(STEP.match(final_dir.name)[1])
         older = sorted(n for n in step_folders(self.dirpath) if n <= step)
         for n in older[:-self.keep_last_k]:
-            trash = self.dirpath / f".step-{n}.tmp-{temp_token()}"
+            trash = staging_path(self.dirpath / f"step-{n}")
             try:
                 os.rename(self.dirpath / f"step-{n}", trash)  # never half-deleted under its final name
                 shutil.rmtree(trash)

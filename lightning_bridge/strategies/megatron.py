@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
@@ -44,18 +43,13 @@ from megatron.core import parallel_state as ps
 from typing_extensions import override
 
 from lightning_bridge.bridge import AutoBridge
-from lightning_bridge.dist_checkpoint import (
-    publish_folder,
-    raise_on_every_rank,
-    restore_model_chunks,
-    sharded_model_state_dict,
-    write_hf_metadata,
-)
+from lightning_bridge.dist_checkpoint import restore_model_chunks, sharded_model_state_dict, write_hf_metadata
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.attention import resolve_backend
 from lightning_bridge.masks import attention_mask_for
 from lightning_bridge.optim import step_tensor
 from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.publish import make_staging_folder, publish_folder, run_on_rank_zero
 from lightning_bridge.runtime import cpu as cpu_runtime
 
 logger = logging.getLogger(__name__)
@@ -338,22 +332,17 @@ class MegatronBridgeStrategy(ParallelStrategy):
         sharded = {"state_dict": checkpoint.pop("state_dict")}
         for index, state in enumerate(checkpoint.pop("optimizer_states", [])):
             sharded[f"optimizer_{index}"] = state
-        staging = Path(self.broadcast(str(path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}"))))
-        if self.global_rank == 0:
-            staging.mkdir(parents=True)
-        self.barrier()
+        staging = make_staging_folder(path)  # rank 0 creates it; its error is raised on every rank
+
+        def finish() -> None:  # rank 0, once every rank wrote its shards
+            checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
+            torch.save(checkpoint, staging / _COMMON_STATE_FILE)
+            self._write_hf_metadata(staging)
+            publish_folder(staging, path)  # `path` is always the old or the new checkpoint
+
         try:
             dist_checkpointing.save(sharded, str(staging))
-            error = None
-            if self.global_rank == 0:
-                try:
-                    checkpoint["adam_step"] = _adam_step(self.megatron_optimizer) if self.megatron_optimizer else None
-                    torch.save(checkpoint, staging / _COMMON_STATE_FILE)
-                    self._write_hf_metadata(staging)
-                    publish_folder(staging, path)  # `path` is always the old or the new checkpoint
-                except (OSError, RuntimeError, ValueError, TypeError) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-            raise_on_every_rank(error)  # no rank waits for one that failed
+            run_on_rank_zero(finish)  # no rank waits for one that failed
         except BaseException:
             if self.global_rank == 0:
                 shutil.rmtree(staging, ignore_errors=True)
