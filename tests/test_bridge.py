@@ -26,6 +26,7 @@ SUPPORTED = ["GPT2LMHeadModel", "GemmaForCausalLM", "LlamaForCausalLM", "Mistral
              "Phi3ForCausalLM", "PhiForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
 SUPPORTED = sorted([*SUPPORTED, "MixtralForCausalLM", "Qwen3MoeForCausalLM"])  # the MoE families
 SUPPORTED = sorted([*SUPPORTED, "Gemma2ForCausalLM", "Gemma3ForCausalLM"])
+SUPPORTED = sorted([*SUPPORTED, "Glm4MoeForCausalLM"])
 
 
 @pytest.fixture(autouse=True)
