@@ -149,7 +149,8 @@ def test_supported_models_and_bridges():
     assert AutoBridge.list_supported_models() == SUPPORTED
     assert AutoBridge.get_supported_bridges() == sorted([
         "GPT2Bridge", "GemmaBridge", "LlamaBridge", "MistralBridge", "Olmo2Bridge", "Phi2Bridge", "Phi3Bridge",
-        "Qwen2Bridge", "Qwen3Bridge", "MixtralBridge", "Qwen3MoeBridge", "Gemma2Bridge", "Gemma3Bridge"])
+        "Qwen2Bridge", "Qwen3Bridge", "MixtralBridge", "Qwen3MoeBridge", "Gemma2Bridge", "Gemma3Bridge",
+        "Glm4MoeBridge"])
 
 
 # --- the Megatron side --------------------------------------------------------------------------------------
