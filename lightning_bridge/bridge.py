@@ -131,6 +131,11 @@ class AutoBridge:
         """The model family bridges, by class name."""
         return sorted({families.family_for(a).__name__ for a in families.supported_architectures()})
 
+    @property
+    def source(self) -> str | None:
+        """The HF checkpoint this bridge reads (a folder or a Hub id); None for a bridge from a config."""
+        return self._source
+
     # --- Megatron side ----------------------------------------------------------------------
     @property
     def transformer_config(self) -> GPTModelProvider:
@@ -355,7 +360,7 @@ class AutoBridge:
     def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
         """Per HF tensor: the asked dtype, else the source checkpoint's, else the config's."""
         if dtype is not None or not self._has_weights():
-            default = dtype or families.base._dtype(self.hf_config)
+            default = dtype or families.base.hf_dtype(self.hf_config)
             return _Everything(default)
         reader = self.checkpoint_reader()
         return {name: reader.dtype(name) for name in reader.names()}
