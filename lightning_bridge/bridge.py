@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -26,7 +27,8 @@ from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
 from lightning_bridge import families
 from lightning_bridge.conversion.context import ConversionContext
-from lightning_bridge.conversion.exporting import ExportMode, export_hf_weights, plan_export
+from lightning_bridge.conversion.exporting import ExportMode, ExportPlan, export_hf_weights
+from lightning_bridge.conversion.parallel import RankLayout
 from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_weights
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
@@ -75,6 +77,7 @@ class AutoBridge:
         self._hub_kwargs = dict(hub_kwargs or {})
         self._reader: HFCheckpointReader | None = None
         self._folder: Path | None = None
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first chunk -> (key, plan)
         self.torch_dtype = _as_dtype(torch_dtype)
         self.attention_backend = attention_backend  # None: the provider's default ("auto")
 
@@ -127,6 +130,11 @@ class AutoBridge:
     def get_supported_bridges(cls) -> list[str]:
         """The model family bridges, by class name."""
         return sorted({families.family_for(a).__name__ for a in families.supported_architectures()})
+
+    @property
+    def source(self) -> str | None:
+        """The HF checkpoint this bridge reads (a folder or a Hub id); None for a bridge from a config."""
+        return self._source
 
     # --- Megatron side ----------------------------------------------------------------------
     @property
@@ -185,11 +193,11 @@ class AutoBridge:
                           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)``, a few tensors at a time. Every rank must drain it."""
         chunks = _as_chunks(model)
+        hf_order = self._hf_order() if order == "safetensors" else None
         return export_hf_weights(
             chunks, self.mapping_registry(), self._context(_provider_of(chunks)), mode=mode,
-            hf_order=self._hf_order() if order == "safetensors" else None,
-            keep_tied=self._kept_tied(), dtypes=self._export_dtypes(dtype), cpu=cpu,
-            show_progress=show_progress,
+            hf_order=hf_order, keep_tied=self._kept_tied(), dtypes=self._export_dtypes(dtype), cpu=cpu,
+            show_progress=show_progress, plan=self.export_plan(chunks) if order == "safetensors" else None,
         )
 
     def save_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
@@ -255,26 +263,36 @@ class AutoBridge:
         """The source checkpoint's tensor -> file map (saves mirror its sharding); None without weights."""
         return self.checkpoint_reader().weight_map if self._has_weights() else None
 
+    def export_plan(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> ExportPlan:
+        """What every rank exports, in which order (the source checkpoint's), and to whom.
+
+        Collective the first time for these chunks (one ``all_gather_object`` of parameter names and
+        shapes), then kept on the bridge for them: ``hf_tensor_specs``, ``export_destinations``,
+        ``export_hf_weights``, ``save_hf_weights`` and ``HFCheckpoint`` read it without planning again.
+        """
+        chunks = _as_chunks(model)
+        key = (tuple(id(chunk) for chunk in chunks), RankLayout.current())
+        cached = self._plans.get(chunks[0])
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = ExportPlan.compute(chunks, self.mapping_registry(), hf_order=self._hf_order(),
+                                  keep_tied=self._kept_tied())
+        self._plans[chunks[0]] = (key, plan)  # dropped with the model
+        return plan
+
     def export_destinations(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> dict[str, int]:
         """HF tensor name -> the global rank that yields it in ``export_hf_weights(mode="distribute")``
-        (collective: every rank calls it)."""
-        tasks, _ = plan_export(_as_chunks(model), self.mapping_registry(), hf_order=self._hf_order(),
-                               keep_tied=self._kept_tied())
-        return {name: task.destination for task in tasks for name in task.hf_names}
+        (from :meth:`export_plan`)."""
+        return self.export_plan(model).destinations()
 
     def hf_tensor_specs(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
                         dtype: torch.dtype | None = None) -> list[TensorSpec]:
-        """Name, shape and dtype of every HF tensor an export yields, in export order (collective)."""
+        """Name, shape and dtype of every HF tensor an export yields, in export order (from
+        :meth:`export_plan`)."""
         chunks = _as_chunks(model)
-        ctx = self._context(_provider_of(chunks))
-        plan, _ = plan_export(chunks, self.mapping_registry(), hf_order=self._hf_order(), keep_tied=self._kept_tied())
         dtypes = self._export_dtypes(dtype)
-        specs = []
-        for task in plan:
-            meta = torch.empty(task.full_shape, dtype=task.dtype, device="meta")
-            for name, tensor in zip(task.hf_names, task.mapping.to_hf(meta, ctx)):
-                specs.append(TensorSpec(name, tuple(tensor.shape), dtypes.get(name, task.dtype)))
-        return specs
+        return [TensorSpec(name, shape, dtypes.get(name, megatron_dtype)) for name, shape, megatron_dtype
+                in self.export_plan(chunks).hf_tensors(self._context(_provider_of(chunks)))]
 
     def mapping_registry(self):
         return self._model_bridge.mapping_registry()
@@ -342,7 +360,7 @@ class AutoBridge:
     def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
         """Per HF tensor: the asked dtype, else the source checkpoint's, else the config's."""
         if dtype is not None or not self._has_weights():
-            default = dtype or families.base._dtype(self.hf_config)
+            default = dtype or families.base.hf_dtype(self.hf_config)
             return _Everything(default)
         reader = self.checkpoint_reader()
         return {name: reader.dtype(name) for name in reader.names()}

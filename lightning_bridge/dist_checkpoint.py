@@ -144,7 +144,7 @@ def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike,
         "format": FORMAT,
         "version": 1,
         "architectures": list(bridge.hf_config.architectures or []),
-        "hf_source": bridge._source,
+        "hf_source": bridge.source,
         "hf_tensors": hf_tensors,
     }
     if provider is not None:

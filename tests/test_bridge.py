@@ -533,3 +533,29 @@ def test_subfolder_reads_config_and_weights_from_it(tmp_path):
 def test_proxies_is_refused_with_the_fix(source):
     with pytest.raises(ValueError, match="HTTPS_PROXY"):
         AutoBridge.from_hf_pretrained(source, proxies={"https": "http://proxy:3128"})
+
+
+# --- the export plan ------------------------------------------------------------------------------
+def test_the_export_plan_is_computed_once_per_model(source, tmp_path, monkeypatch):
+    from lightning_bridge.conversion import exporting
+
+    bridge = AutoBridge.from_hf_pretrained(source)
+    model = bridge.to_megatron_model(show_progress=False)
+    gathers = []
+    all_gather_object = exporting.dist.all_gather_object
+
+    def counted(*args, **kwargs):
+        gathers.append(1)
+        return all_gather_object(*args, **kwargs)
+
+    monkeypatch.setattr(exporting.dist, "all_gather_object", counted)
+    plan = bridge.export_plan(model)
+    assert len(gathers) == 1 and bridge.export_plan(model) is plan
+    specs = bridge.hf_tensor_specs(model)
+    assert bridge.export_destinations(model) == plan.destinations() == dict.fromkeys([s.name for s in specs], 0)
+    exported = dict(bridge.export_hf_weights(model))
+    bridge.save_hf_pretrained(model, tmp_path / "out", show_progress=False)
+    assert len(gathers) == 1  # nothing planned again, behind the caller's back
+    assert {s.name: (s.shape, s.dtype) for s in specs} == {n: (tuple(t.shape), t.dtype) for n, t in exported.items()}
+    other = bridge.to_megatron_model(show_progress=False)
+    assert bridge.export_plan(other) is not plan and len(gathers) == 2  # another model: its own plan

@@ -309,10 +309,11 @@ class HFCheckpoint(pl.Callback):
         key = (id(bridge), tuple(id(c) for c in chunks))
         if self._layout_key == key and self._layout is not None:
             return self._layout
+        plan = bridge.export_plan(chunks)  # the one collective of the planning, kept by the bridge
         specs = bridge.hf_tensor_specs(chunks, dtype=self.dtype)
         rank = get_rank()
         if self.mode == "distribute":
-            destination = bridge.export_destinations(chunks)
+            destination = plan.destinations()
             plan, owner = distribute_plan(specs, destination, self.max_shard_size)
             received = [s.name for s in specs if destination[s.name] == rank]
         else:

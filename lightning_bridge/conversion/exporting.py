@@ -70,6 +70,40 @@ class ExportTask:
         return layout.etp_rank if self.is_expert else layout.tp_rank
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """What every rank exports, in which order, and to whom, for one model layout.
+
+    Computed once per model (:meth:`compute`: the one ``all_gather_object`` of :func:`plan_export`)
+    and then only read: the HF shapes, the destinations and every export of the same chunks need
+    no collective of their own.
+    """
+
+    tasks: tuple[ExportTask, ...]
+    layouts: tuple[RankLayout, ...]
+
+    @classmethod
+    def compute(cls, chunks: Sequence[torch.nn.Module], registry: MappingRegistry, *,
+                hf_order: Sequence[str] | None = None, keep_tied: Sequence[str] = ()) -> ExportPlan:
+        """The plan of this rank's ``chunks`` (collective: every rank calls it)."""
+        tasks, layouts = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
+        return cls(tuple(tasks), tuple(layouts))
+
+    def destinations(self) -> dict[str, int]:
+        """HF tensor name -> the global rank that receives it in ``mode="distribute"``."""
+        return {name: task.destination for task in self.tasks for name in task.hf_names}
+
+    def hf_tensors(self, ctx: ConversionContext) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Name, shape and Megatron dtype of every HF tensor an export yields, in export order
+        (shapes from the mappings applied to meta tensors: no data, no collective)."""
+        tensors = []
+        for task in self.tasks:
+            meta = torch.empty(task.full_shape, dtype=task.dtype, device="meta")
+            for name, tensor in zip(task.hf_names, task.mapping.to_hf(meta, ctx)):
+                tensors.append((name, tuple(tensor.shape), task.dtype))
+        return tensors
+
+
 def plan_export(
     chunks: Sequence[torch.nn.Module],
     registry: MappingRegistry,
@@ -138,15 +172,19 @@ def export_hf_weights(
     dtypes: dict[str, torch.dtype] | None = None,
     cpu: bool = True,
     show_progress: bool = False,
+    plan: ExportPlan | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, tensor)`` pairs that this rank receives under ``mode``.
 
-    Every rank must drain the generator: it contains collectives.
+    Every rank must drain the generator: it contains collectives. ``plan`` is the chunks'
+    :class:`ExportPlan` when the caller has it (else it is computed here).
     """
     if mode not in EXPORT_MODES:
         raise ValueError(f"mode={mode!r} is not one of {EXPORT_MODES}")
     layout = RankLayout.current()
-    plan, layouts = plan_export(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
+    if plan is None:
+        plan = ExportPlan.compute(chunks, registry, hf_order=hf_order, keep_tied=keep_tied)
+    plan, layouts = plan.tasks, plan.layouts
     local = {name: param for chunk in chunks for name, param in global_named_weights(chunk)}
     device = parallel.comm_device()
     dtypes = {} if dtypes is None else dtypes

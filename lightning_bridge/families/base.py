@@ -70,10 +70,10 @@ class ModelBridge:
         """Provider fields that need a little arithmetic on the HF config."""
         cfg = self.hf_config
         return {
-            "activation_func": _activation(cfg),
-            "rotary_base": _rope_parameters(cfg).get("rope_theta", 10000.0),
+            "activation_func": hf_activation(cfg),
+            "rotary_base": rope_parameters(cfg).get("rope_theta", 10000.0),
             "rotary_inv_freq": _rotary_inv_freq(cfg),
-            "params_dtype": _dtype(cfg),
+            "params_dtype": hf_dtype(cfg),
             "share_embeddings_and_output_weights": bool(getattr(cfg, "tie_word_embeddings", False)),
         }
 
@@ -105,19 +105,22 @@ class ModelBridge:
                 or getattr(self.hf_config, "num_experts", 0) or 0)
 
 
-def _activation(cfg: PretrainedConfig, attribute: str = "hidden_act"):
+def hf_activation(cfg: PretrainedConfig, attribute: str = "hidden_act"):
+    """The activation function the HF config names in ``attribute`` (families name it differently)."""
     name = getattr(cfg, attribute, "silu")
     if name not in ACTIVATIONS:
         raise ValueError(f"{attribute}={name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
-def _dtype(cfg: PretrainedConfig) -> torch.dtype:
+def hf_dtype(cfg: PretrainedConfig) -> torch.dtype:
+    """The HF config's dtype (float32 when it names none)."""
     dtype = getattr(cfg, "dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _rope_parameters(cfg: PretrainedConfig) -> dict[str, Any]:
+def rope_parameters(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The config's rope parameters, from ``rope_parameters`` or the older ``rope_theta`` + ``rope_scaling``."""
     params = getattr(cfg, "rope_parameters", None) or {}
     if not params and getattr(cfg, "rope_theta", None) is not None:
         params = {"rope_theta": cfg.rope_theta, **(getattr(cfg, "rope_scaling", None) or {})}
@@ -126,7 +129,7 @@ def _rope_parameters(cfg: PretrainedConfig) -> dict[str, Any]:
 
 def _rotary_inv_freq(cfg: PretrainedConfig) -> torch.Tensor | None:
     """HF's own rope frequencies when scaling changes them; None for plain rope (Megatron's own)."""
-    params = _rope_parameters(cfg)
+    params = rope_parameters(cfg)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return None

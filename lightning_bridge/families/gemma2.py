@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_bridge.conversion.mappings import Replicated, WeightMapping
-from lightning_bridge.families.base import _activation
+from lightning_bridge.families.base import hf_activation
 from lightning_bridge.families.gemma import GemmaBridge
 from lightning_bridge.families.gemma_specs import FinalLogitSoftcapping, GemmaSandwichBlockSpec
 from lightning_bridge.families.registry import register
@@ -59,7 +59,7 @@ class Gemma2Bridge(GemmaBridge):
         cap = cfg.final_logit_softcapping
         return {
             **super().computed_config(),
-            "activation_func": _activation(cfg, "hidden_activation"),
+            "activation_func": hf_activation(cfg, "hidden_activation"),
             "softmax_scale": cfg.query_pre_attn_scalar ** -0.5,
             # HF lets token i see keys j with i - j < sliding_window: a left window of W - 1.
             "window_size": (window - 1, 0) if window else None,

@@ -24,7 +24,7 @@ from lightning_bridge.conversion.mappings import (
     VocabParallel,
     WeightMapping,
 )
-from lightning_bridge.families.base import ModelBridge, _activation
+from lightning_bridge.families.base import ModelBridge, hf_activation
 from lightning_bridge.families.registry import register
 
 
@@ -61,7 +61,7 @@ class GPT2Bridge(ModelBridge):
         cfg = self.hf_config
         return {
             **super().computed_config(),
-            "activation_func": _activation(cfg, "activation_function"),
+            "activation_func": hf_activation(cfg, "activation_function"),
             "ffn_hidden_size": cfg.n_inner or 4 * cfg.n_embd,
             "softmax_scale": None if cfg.scale_attn_weights else 1.0,
         }

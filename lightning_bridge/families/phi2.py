@@ -43,7 +43,7 @@ from lightning_bridge.conversion.mappings import (
     VocabParallel,
     WeightMapping,
 )
-from lightning_bridge.families.base import ModelBridge, _rope_parameters
+from lightning_bridge.families.base import ModelBridge, rope_parameters
 from lightning_bridge.families.registry import register
 from lightning_bridge.provider import GPTModelProvider, local_layer_spec
 
@@ -142,7 +142,7 @@ class Phi2Bridge(ModelBridge):
         if getattr(cfg, "qk_layernorm", False):
             raise ValueError("PhiConfig with qk_layernorm=True is not supported: its per-head LayerNorm "
                              "(with bias) has no Megatron equivalent here. Use qk_layernorm=False.")
-        rope_type = _rope_parameters(cfg).get("rope_type", "default")
+        rope_type = rope_parameters(cfg).get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"PhiConfig with rope_type={rope_type!r} is not supported: only the default "
                              "rope type is reproduced exactly for Phi. Use rope_type='default'.")
@@ -151,7 +151,7 @@ class Phi2Bridge(ModelBridge):
         cfg = self.hf_config
         return {
             **super().computed_config(),
-            "rotary_percent": _rope_parameters(cfg).get(
+            "rotary_percent": rope_parameters(cfg).get(
                 "partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 0.5)),
             "model_hook": functools.partial(add_output_layer_bias,
                                             embedding_dropout=float(getattr(cfg, "embd_pdrop", 0.0) or 0.0)),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_bridge.conversion.mappings import FusedGatedMLP, FusedQKV, WeightMapping
-from lightning_bridge.families.base import _rope_parameters
+from lightning_bridge.families.base import rope_parameters
 from lightning_bridge.families.mistral import MistralBridge
 from lightning_bridge.families.registry import register
 
@@ -29,7 +29,7 @@ class Phi3Bridge(MistralBridge):
     architectures = ("Phi3ForCausalLM",)
 
     def computed_config(self) -> dict[str, Any]:
-        rotary_percent = _rope_parameters(self.hf_config).get(
+        rotary_percent = rope_parameters(self.hf_config).get(
             "partial_rotary_factor", getattr(self.hf_config, "partial_rotary_factor", 1.0))
         return {**super().computed_config(), "rotary_percent": rotary_percent}
 

@@ -1,6 +1,6 @@
 """Gemma 2: each of its features is in the Megatron model and changes the logits; refused settings.
 
-Logits, round trips and TP/PP layouts of the factory model: test_families, test_new_families_parallel.
+Logits, round trips and TP/PP layouts of the factory model: test_families, test_families_parallel.
 """
 
 from __future__ import annotations

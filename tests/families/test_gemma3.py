@@ -1,6 +1,6 @@
 """Gemma 3 (text): per-layer-type rope, q/k norms, the sliding pattern; the multimodal model refused.
 
-Logits, round trips and TP/PP layouts of the factory model: test_families, test_new_families_parallel.
+Logits, round trips and TP/PP layouts of the factory model: test_families, test_families_parallel.
 """
 
 from __future__ import annotations

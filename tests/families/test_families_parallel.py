@@ -20,7 +20,7 @@ FAMILIES = ["gpt2", "phi3", "olmo2", "gemma", "gemma2", "gemma3", "phi2"]
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    root = tmp_path_factory.mktemp("new-families")
+    root = tmp_path_factory.mktemp("families-parallel")
     checkpoints = {family: str(make_checkpoint(family, root / family)) for family in FAMILIES}
     input_ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     results = launch(round_trip_all_layouts, test_exporting.WORLD, checkpoints, input_ids,
