@@ -33,7 +33,7 @@ import logging
 from typing import Any, ClassVar
 
 from lightning_bridge.conversion.mappings import QKV, GatedMLP, Replicated, RowParallel, WeightMapping
-from lightning_bridge.families.base import ModelBridge, _rope_parameters
+from lightning_bridge.families.base import ModelBridge, rope_parameters
 from lightning_bridge.families.llama import LlamaBridge
 from lightning_bridge.families.mixtral import MOE_CONFIG, moe_mappings, refuse_top1_renormalised
 from lightning_bridge.families.registry import register
@@ -88,7 +88,7 @@ class Glm4MoeBridge(LlamaBridge):
 
     def computed_config(self) -> dict[str, Any]:
         cfg = self.hf_config
-        params = _rope_parameters(cfg)
+        params = rope_parameters(cfg)
         return {
             **super().computed_config(),
             "rotary_percent": params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)),
