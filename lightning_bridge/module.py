@@ -18,8 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchmetrics
-from megatron.core import parallel_state, tensor_parallel
 
+from lightning_bridge.cross_entropy import vocab_parallel_cross_entropy
 from lightning_bridge.optim import megatron_optimizer
 
 IGNORE_INDEX = -100
@@ -174,13 +174,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
     Megatron pads the vocabulary; padded entries are excluded so the loss equals the HF loss.
     """
-    logits = logits.float()
-    partition = logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * partition
-    if start + partition > vocab_size:  # decided on the host: no device sync per microbatch
-        padded = torch.arange(start, start + partition, device=logits.device) >= vocab_size
-        logits = logits.masked_fill(padded, torch.finfo(logits.dtype).min)
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+    losses = vocab_parallel_cross_entropy(logits, labels, vocab_size)  # fp32, no fp32 copy of the logits
     mask = mask.to(losses.dtype)
     return (losses * mask).sum(), mask.sum()
 

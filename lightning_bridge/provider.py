@@ -44,6 +44,7 @@ from megatron.core.transformer.transformer_block import (
 
 from lightning_bridge.attention import core_attention_spec, resolve_backend
 from lightning_bridge.conversion.parallel import global_named_weights
+from lightning_bridge.experts import GroupedExperts, check_expert_backend
 from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.norms import TorchNorm
 from lightning_bridge.rotary import use_position_ids
@@ -88,8 +89,12 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
     if provider.qk_layernorm:
         parts.update(q_layernorm=TorchNorm, k_layernorm=TorchNorm)
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **parts))
+    mlp = layer.mlp
+    if provider.num_moe_experts:  # same parameters as SequentialMLP; grouped GEMMs on CUDA
+        experts = dataclasses.replace(mlp.submodules.experts, module=GroupedExperts)
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
-        layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention))
+        layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention, mlp=mlp))
 
 
 def block_spec(spec: ModuleSpec, provider: GPTModelProvider, vp_stage: int | None) -> ModuleSpec:
@@ -150,6 +155,9 @@ class GPTModelProvider(TransformerConfig):
     # fused kernels), "sdpa", "flex" or "local" (megatron-core's unfused DotProductAttention); Megatron's
     # AttnBackend members are accepted (local/unfused -> "local", flash/fused -> "sdpa").
     attention_backend: Any = "auto"
+    # MoE experts: "auto" (all local experts as grouped GEMMs where torch._grouped_mm runs, one after
+    # another elsewhere), "grouped" or "sequential" (:mod:`lightning_bridge.experts`).
+    expert_backend: str = "auto"
 
     def __post_init__(self) -> None:
         # Megatron's validation waits for finalize(), so fields stay settable until the build.
@@ -176,6 +184,7 @@ class GPTModelProvider(TransformerConfig):
         """Check the settings and run Megatron's own ``TransformerConfig`` validation."""
         self._check_parallel_sizes()
         resolve_backend(self)  # an unknown attention_backend is named before anything is built
+        check_expert_backend(self.expert_backend)
         if self.pipeline_model_parallel_size > 1 and self.pipeline_dtype is None:
             self.pipeline_dtype = self.params_dtype
         if cpu_runtime.is_cpu_runtime():
