@@ -28,6 +28,11 @@ SHAPES = {
                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, num_local_experts=8,
                         num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                         tie_word_embeddings=False),
+    # Qwen3-30B-A3B-like MoE, 8 of its layers: 64 fine-grained experts of FFN 768, top-8, qk-norm
+    "qwen3-moe": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=8,
+                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+                      max_position_embeddings=8192, num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=False),
     "tiny-moe": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, num_local_experts=4,
                      num_experts_per_tok=2, tie_word_embeddings=False),
@@ -37,9 +42,10 @@ SHAPES = {
 
 
 def llama_config(shapes: str, dtype: torch.dtype = torch.bfloat16) -> transformers.PretrainedConfig:
-    """The HF config of ``shapes``: Llama, or Mixtral for shapes with experts."""
+    """The HF config of ``shapes``: Llama, Mixtral (``num_local_experts``) or Qwen3-MoE (``num_experts``)."""
     fields = SHAPES[shapes]
-    config_cls = transformers.MixtralConfig if "num_local_experts" in fields else transformers.LlamaConfig
+    config_cls = (transformers.MixtralConfig if "num_local_experts" in fields
+                  else transformers.Qwen3MoeConfig if "num_experts" in fields else transformers.LlamaConfig)
     config = config_cls(**fields)
     config.dtype = dtype
     return config

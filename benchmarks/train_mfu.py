@@ -10,6 +10,8 @@ data for every path (``--paths``, run one after another, memory freed in between
 - ``mcore``: the plain Megatron-Core loop of ``train_vs_mcore.py`` (bf16, Megatron DDP, distributed
   Adam) with the fused core attention (``attention_backend="auto"``, ``lightning_bridge.attention``);
 - ``mcore-unfused``: the same with megatron-core's unfused ``DotProductAttention`` ("local");
+- ``mcore-sequential-experts``: ``mcore`` with MoE experts one after another (megatron-core's
+  ``SequentialMLP``) instead of grouped GEMMs (``lightning_bridge.experts``, the default on CUDA);
 - ``strategy``: ``MegatronBridgeStrategy`` (fused attention) under ``Trainer.fit`` (not in the default set);
 - ``hf``: transformers' model with SDPA attention, fp32 weights under bf16 autocast, fused AdamW;
 - ``hf-compile``: the same, ``torch.compile``d.
@@ -36,7 +38,7 @@ from torch.utils.data import DataLoader
 from train_throughput import CountingSequences
 from train_vs_mcore import run_mcore, run_strategy, timed_steps
 
-PATHS = ("mcore", "mcore-unfused", "strategy", "hf", "hf-compile")
+PATHS = ("mcore", "mcore-unfused", "mcore-sequential-experts", "strategy", "hf", "hf-compile")
 DEFAULT_PATHS = ("mcore", "mcore-unfused", "hf", "hf-compile")
 FORMULA = ("FLOPs/token = 6 x matmul params + 12 x layers x seq x hidden; TFLOP/s = FLOPs/token x tokens/s; "
            "MFU = TFLOP/s / peak")
@@ -49,9 +51,10 @@ def matmul_params(config) -> int:
     kv = config.num_key_value_heads or heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim
-    experts = getattr(config, "num_local_experts", 0) or 0
+    experts = getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 0
     active = config.num_experts_per_tok if experts else 1
-    mlp = 3 * h * config.intermediate_size * active + h * experts
+    ffn = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    mlp = 3 * h * ffn * active + h * experts
     return config.num_hidden_layers * (attention + mlp) + config.vocab_size * h
 
 
@@ -95,8 +98,9 @@ def run_path(path: str, args, config, data: DataLoader):
     from lightning_bridge import AutoBridge
 
     run_args = SimpleNamespace(**vars(args), tp=1, pp=1)
-    if path in ("mcore", "mcore-unfused"):
+    if path.startswith("mcore"):
         run_args.attention_backend = "local" if path == "mcore-unfused" else "auto"
+        run_args.expert_backend = "sequential" if path == "mcore-sequential-experts" else "auto"
         return run_mcore(run_args, config, data)
     if path == "strategy":
         run_args.attention_backend = "auto"

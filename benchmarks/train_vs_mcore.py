@@ -94,6 +94,8 @@ def run_mcore(args, source, data: DataLoader) -> tuple[list[float], list[float]]
     provider = bridge.to_megatron_provider(show_progress=False)
     if getattr(args, "attention_backend", None):
         provider.attention_backend = args.attention_backend
+    if getattr(args, "expert_backend", None):
+        provider.expert_backend = args.expert_backend
     provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = args.tp, args.pp
     provider.pipeline_dtype = torch.bfloat16
     provider.calculate_per_token_loss = True

@@ -23,12 +23,6 @@ logger = logging.getLogger(__name__)
 EXPERT_BACKENDS = ("auto", "grouped", "sequential")
 
 
-def grouped_mm_available() -> bool:
-    """Whether this torch has the grouped matmul and a GPU it runs on (Hopper or newer)."""
-    return (hasattr(torch, "_grouped_mm") and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9)
-
-
 def check_expert_backend(backend: str) -> None:
     """Refuse an unknown ``expert_backend`` by name before anything is built."""
     if backend not in EXPERT_BACKENDS:
@@ -43,7 +37,18 @@ class GroupedExperts(SequentialMLP):
                 permuted_probs: torch.Tensor):
         if not self._grouped(permuted_local_hidden_states):
             return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-        hidden = permuted_local_hidden_states
+        try:
+            return self._grouped_forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        except RuntimeError as exc:  # a GPU or torch build without the kernel: sequential from now on
+            if getattr(self.config, "expert_backend", "auto") == "grouped":
+                raise
+            logger.warning("Grouped-GEMM experts failed on this GPU (%s); running the experts one after "
+                           "another from now on (expert_backend='sequential' skips the attempt).", exc)
+            self.config.expert_backend = "sequential"
+            return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+
+    def _grouped_forward(self, hidden: torch.Tensor, tokens_per_expert: torch.Tensor,
+                         permuted_probs: torch.Tensor):
         ends = torch.cumsum(tokens_per_expert.to(hidden.device), 0).to(torch.int32)
         fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])  # [E, F(x2), H]
         fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])  # [E, H, F]

@@ -58,6 +58,12 @@ LossFunction = Callable[[dict[str, torch.Tensor], torch.Tensor], tuple[torch.Ten
 _COMMON_STATE_FILE = "lightning_state.pt"
 # Each rank saves and loads its own optimizer buffers, in parallel (Megatron-LM's default).
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+# recompute= -> the provider's TransformerConfig activation-recomputation fields
+RECOMPUTE: dict[str | None, dict[str, Any]] = {
+    None: {},
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 _PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16,
                "bf16": torch.bfloat16, "16-mixed": torch.float16, "16-true": torch.float16}
 
@@ -79,6 +85,8 @@ class MegatronBridgeStrategy(ParallelStrategy):
         context_parallel_size: int = 1,
         sequence_parallel: bool = False,
         micro_batch_size: int | None = None,
+        recompute: str | None = None,
+        overlap_grad_reduce: bool | None = None,
         torch_dtype: torch.dtype | str | None = None,
         load_weights: bool = True,
         seed: int = 1234,
@@ -109,6 +117,14 @@ class MegatronBridgeStrategy(ParallelStrategy):
         )
         self.sequence_parallel = sequence_parallel
         self.micro_batch_size = micro_batch_size
+        if recompute not in RECOMPUTE:
+            raise ValueError(
+                f"recompute={recompute!r} is not one of {sorted(RECOMPUTE, key=str)}: None keeps every activation, "
+                "'selective' recomputes the core attention, 'full' recomputes each transformer layer in the "
+                "backward pass (least memory, about a third more compute)."
+            )
+        self.recompute = recompute
+        self.overlap_grad_reduce = overlap_grad_reduce
         self.torch_dtype = torch_dtype
         self.load_weights = load_weights
         self.seed = seed
@@ -471,15 +487,18 @@ class MegatronBridgeStrategy(ParallelStrategy):
         provider.pipeline_dtype = dtype
         provider.seed = self.seed
         provider.calculate_per_token_loss = True
-        for key, value in self.provider_overrides.items():
+        for key, value in {**RECOMPUTE[self.recompute], **self.provider_overrides}.items():
             if not hasattr(provider, key):
                 raise TypeError(f"provider_overrides: {key!r} is not a TransformerConfig or provider field")
             setattr(provider, key, value)
         self.provider = provider
         from megatron.core.distributed import DistributedDataParallelConfig
 
+        overlap = self.overlap_grad_reduce
+        if overlap is None:  # by default, reduce gradient buckets during the backward pass when there are replicas
+            overlap = ps.get_data_parallel_world_size(with_context_parallel=True) > 1
         self.ddp_config = self.ddp_config or DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )
         return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=self.ddp_config)
@@ -514,6 +533,10 @@ class MegatronBridgeStrategy(ParallelStrategy):
         config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if self.ddp_config.overlap_grad_reduce:
+            # each chunk starts reducing its gradients when its last microbatch's backward ends
+            grad_sync = [chunk.start_grad_sync for chunk in self.model_chunks]
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
 
     def _check_optimizer_matches_ddp(self, optimizer: Any) -> None:
         """Megatron's DDP reduces gradients for one kind of optimizer: refuse the other kind.

@@ -169,4 +169,17 @@ def step_gradients(cases: list[tuple[str, dict[str, Any]]]) -> list[dict[str, An
             results.append({"error": f"{type(error).__name__}: {error}"})
         finally:
             ps.destroy_model_parallel()
+            destroy_subgroups()
     return results
+
+
+def destroy_subgroups() -> None:
+    """Destroy every process group but the world: megatron-core's ``destroy_model_parallel`` forgets its
+    groups without destroying them, and each gloo group keeps its threads (about 1,800 per rank after
+    40 layouts, which starves a 2-core machine)."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)

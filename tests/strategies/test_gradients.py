@@ -50,8 +50,9 @@ DENSE_LAYOUTS = {
     "tp2-sp-dp2-packed": {**SP, "padding": "packed"},
     "tp2-pp2-unfused-attention": {**TP2, **PP2, "provider_overrides": {"attention_backend": "local"}},
     "pp2-dp2-micro-batch-2": {**PP2, "micro_batch_size": 2},
-    "tp2-dp2-recompute": {**TP2, "provider_overrides": {
-        "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}},
+    "tp2-dp2-recompute": {**TP2, "recompute": "full"},
+    "tp2-dp2-selective-recompute": {**TP2, "recompute": "selective"},
+    "dp4-no-overlap": {"overlap_grad_reduce": False},  # the default overlaps the reduction with backward
     "dp2-tp2-all-reduce-ddp": {**TP2, "ddp_config": ALL_REDUCE_DDP, **PLAIN_OPTIMIZER},
     "dp4-mismatched-optimizer": PLAIN_OPTIMIZER,  # under the default DDP: must be refused
     "tp2-dp2-bf16": {**TP2, "precision": "bf16-mixed", "lr": 1e4},

@@ -116,6 +116,11 @@ def test_sequence_parallel_needs_a_sequence_length_divisible_by_tp(source):
         strategy._check_sequence_length(7)
 
 
+def test_an_unknown_recompute_is_refused_at_construction(source):
+    with pytest.raises(ValueError, match=r"recompute='layers' is not one of \[None, 'full', 'selective'\]"):
+        MegatronBridgeStrategy(str(source), recompute="layers")
+
+
 def test_left_padding_is_refused_for_unfused_sliding_window_attention(tmp_path):
     strategy = MegatronBridgeStrategy(str(make_checkpoint("mistral", tmp_path / "mistral")))
     strategy.provider = strategy._resolve_bridge().to_megatron_provider(load_weights=False)
