@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape
 
+from lightning_bridge.sources import HFSource
+
 __all__ = ["LossPlot", "TrainingSummary", "base_model_for", "card_metadata", "render_loss_plot",
            "render_loss_svg", "render_model_card"]
 
@@ -73,7 +75,9 @@ def base_model_for(source: Any) -> tuple[str | None, str | None]:
     """
     if source is None:
         return None, None
-    source = getattr(source, "_source", source)  # an AutoBridge: its source checkpoint
+    source = getattr(source, "source", source)  # an AutoBridge: its source
+    if isinstance(source, HFSource):
+        source = source.name
     if not isinstance(source, (str, Path)):
         return None, None
     text = str(source)

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import pytest
 import yaml
 
+from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource
 from lightning_bridge.callbacks.model_card import (
     TrainingSummary,
     _nice_ticks,
@@ -40,8 +41,10 @@ def test_base_model_from_hub_id_cache_and_local_folder(tmp_path):
     assert base_model_for("./not/../an-id") == (None, "an-id")
     assert base_model_for(None) == (None, None)
     assert base_model_for(object()) == (None, None)
-    bridge = type("Bridge", (), {"_source": "org/model"})()
+    bridge = type("Bridge", (), {"source": HFCheckpointSource("org/model")})()  # an AutoBridge's source
     assert base_model_for(bridge) == ("org/model", None)
+    assert base_model_for(HFCheckpointSource(str(local))) == (None, "my-llama")
+    assert base_model_for(ConfigOnlySource()) == (None, None)
 
 
 def test_metadata_and_summary():
