@@ -33,7 +33,7 @@ from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
 from lightning_bridge.publish import raise_on_every_rank
-from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.provider import GPTModelProvider, precision_fields
 from lightning_bridge.sources import TOKENIZER_FILES, ConfigOnlySource, HFCheckpointSource, HFSource
 
 logger = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class AutoBridge:
         """
         overrides: dict[str, Any] = {}
         if self.torch_dtype is not None:
-            overrides["params_dtype"] = self.torch_dtype
-            overrides["bf16"] = self.torch_dtype == torch.bfloat16
-            overrides["fp16"] = self.torch_dtype == torch.float16
+            overrides.update(precision_fields(self.torch_dtype))
         if self.attention_backend is not None:
             overrides["attention_backend"] = self.attention_backend
         provider = self.model_bridge.provider(**overrides)
