@@ -235,7 +235,7 @@ def load_model_weights(chunks: Sequence[torch.nn.Module], path: str | os.PathLik
     with warnings.catch_warnings(), _read_faults(path):  # megatron-core 0.16's own use of deprecated torch APIs
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
-        prefix = _model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
+        prefix = model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
         template = {"state_dict": sharded_model_state_dict(list(chunks), prefix=prefix)}
         loaded = dist_checkpointing.load(template, str(path))
     restore_model_chunks(list(chunks), loaded["state_dict"])
@@ -284,7 +284,7 @@ def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:
     return stripped
 
 
-def _model_key_prefix(tensors: dict[str, Any]) -> str:
+def model_key_prefix(tensors: dict[str, Any]) -> str:
     """What precedes the GPTModel's own tensor keys in a checkpoint: "" for ours, "module." for the
     strategy's (written through Megatron's DDP wrapper)."""
     prefixes = {key[: key.index(anchor)] for key in tensors if not key.startswith("optimizer")
