@@ -13,7 +13,7 @@ import yaml
 from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource
 from lightning_bridge.callbacks.model_card import (
     TrainingSummary,
-    _nice_ticks,
+    nice_ticks,
     base_model_for,
     card_metadata,
     render_loss_plot,
@@ -97,7 +97,7 @@ def test_svg_plot_edge_cases():
     gaps = ET.fromstring(render_loss_svg([1, 2, 3], [1.0, float("nan"), float("inf")]))
     assert gaps.find(f"{SVG}circle") is not None  # one finite point left
     for low, high in ((0.0, 1.0), (2.31, 2.34), (1, 10_000), (5.0, 5.0)):
-        ticks = _nice_ticks(low, high)
+        ticks = nice_ticks(low, high)
         assert ticks[0] <= low and ticks[-1] >= high and ticks == sorted(set(ticks)) and len(ticks) >= 2
 
 
