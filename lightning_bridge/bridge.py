@@ -34,11 +34,11 @@ from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
 from lightning_bridge.publish import raise_on_every_rank
 from lightning_bridge.provider import GPTModelProvider, precision_fields
-from lightning_bridge.sources import TOKENIZER_FILES, ConfigOnlySource, HFCheckpointSource, HFSource
+from lightning_bridge.sources import TOKENIZER_FILES as TOKENIZER_FILES  # still importable from here
+from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource, HFSource
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AutoBridge", "CausalLMBridge", "TOKENIZER_FILES"]
 # from_pretrained kwargs that have no meaning for a Megatron model, and what to do instead.
 REFUSED_KWARGS = {
     "device_map": "Megatron places weights by its parallel layout: set tensor_model_parallel_size / "
