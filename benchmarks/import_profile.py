@@ -111,8 +111,8 @@ def import_phases(folder: str) -> dict:
 
     def check_names():
         reader = bridge.checkpoint_reader()
-        expected = registry.expected_hf_names(bridge._model_bridge.wildcard_ranges())
-        check_checkpoint_names(reader, registry, expected, bridge._model_bridge.ignored_hf_patterns)
+        expected = registry.expected_hf_names(bridge.model_bridge.wildcard_ranges())
+        check_checkpoint_names(reader, registry, expected, bridge.model_bridge.ignored_hf_patterns)
         return reader
 
     phases["reader_and_names_s"], reader = _timed(check_names)

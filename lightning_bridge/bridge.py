@@ -7,7 +7,7 @@
     bridge.save_hf_pretrained(model, "./out")          # back to a transformers checkpoint
 
 The bridge reads only config.json up front; weights are read lazily, tensor by tensor, when a
-model is built.
+model is built. ``bridge.source`` (``lightning_bridge.sources``) is where the HF model comes from.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from lightning_bridge import families
 from lightning_bridge.conversion.context import ConversionContext
@@ -33,14 +33,12 @@ from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
 from lightning_bridge.publish import raise_on_every_rank
-from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.provider import GPTModelProvider, precision_fields
+from lightning_bridge.sources import TOKENIZER_FILES as TOKENIZER_FILES  # still importable from here
+from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource, HFSource
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
 # from_pretrained kwargs that have no meaning for a Megatron model, and what to do instead.
 REFUSED_KWARGS = {
     "device_map": "Megatron places weights by its parallel layout: set tensor_model_parallel_size / "
@@ -63,20 +61,19 @@ ATTN_IMPLEMENTATIONS = {"eager": "local", "sdpa": "sdpa", "flex_attention": "fle
 class AutoBridge:
     """Two-way conversion between an HF causal LM and Megatron-Core, for any supported family."""
 
-    def __init__(self, hf_config: PretrainedConfig, *, source: str | os.PathLike | None = None,
+    def __init__(self, hf_config: PretrainedConfig, *, source: HFSource | str | os.PathLike | None = None,
                  torch_dtype: torch.dtype | str | None = None, revision: str | None = None,
                  allow_pickle: bool = False, hub_kwargs: dict[str, Any] | None = None,
                  attention_backend: str | None = None):
         self.hf_config = hf_config
-        self._model_bridge: ModelBridge = self._family(hf_config)(hf_config)
-        self._model_bridge.check_supported()  # refuse what cannot be reproduced, before any work
-        self._model_bridge.computed_config()
-        self._source = str(source) if source is not None else None
-        self._revision = revision
-        self._allow_pickle = allow_pickle
-        self._hub_kwargs = dict(hub_kwargs or {})
-        self._reader: HFCheckpointReader | None = None
-        self._folder: Path | None = None
+        self.model_bridge: ModelBridge = self._family(hf_config)(hf_config)
+        self.model_bridge.check_supported()  # refuse what cannot be reproduced, before any work
+        self.model_bridge.computed_config()
+        if source is None:
+            source = ConfigOnlySource()
+        elif not isinstance(source, HFSource):
+            source = HFCheckpointSource(source, revision=revision, allow_pickle=allow_pickle, hub_kwargs=hub_kwargs)
+        self.source: HFSource = source  # where the HF model comes from (lightning_bridge.sources)
         self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first chunk -> (key, plan)
         self.torch_dtype = _as_dtype(torch_dtype)
         self.attention_backend = attention_backend  # None: the provider's default ("auto")
@@ -131,11 +128,6 @@ class AutoBridge:
         """The model family bridges, by class name."""
         return sorted({families.family_for(a).__name__ for a in families.supported_architectures()})
 
-    @property
-    def source(self) -> str | None:
-        """The HF checkpoint this bridge reads (a folder or a Hub id); None for a bridge from a config."""
-        return self._source
-
     # --- Megatron side ----------------------------------------------------------------------
     @property
     def transformer_config(self) -> GPTModelProvider:
@@ -151,13 +143,11 @@ class AutoBridge:
         """
         overrides: dict[str, Any] = {}
         if self.torch_dtype is not None:
-            overrides["params_dtype"] = self.torch_dtype
-            overrides["bf16"] = self.torch_dtype == torch.bfloat16
-            overrides["fp16"] = self.torch_dtype == torch.float16
+            overrides.update(precision_fields(self.torch_dtype))
         if self.attention_backend is not None:
             overrides["attention_backend"] = self.attention_backend
-        provider = self._model_bridge.provider(**overrides)
-        if load_weights and self._source is not None:
+        provider = self.model_bridge.provider(**overrides)
+        if load_weights and self.source.has_weights:
             provider.weight_loader = _HFWeightLoader(self, show_progress)
         return provider
 
@@ -181,8 +171,8 @@ class AutoBridge:
         provider = provider or _provider_of(chunks)
         reader = self.checkpoint_reader()
         registry = self.mapping_registry()
-        expected = registry.expected_hf_names(self._model_bridge.wildcard_ranges())
-        check_checkpoint_names(reader, registry, expected, self._model_bridge.ignored_hf_patterns)
+        expected = registry.expected_hf_names(self.model_bridge.wildcard_ranges())
+        check_checkpoint_names(reader, registry, expected, self.model_bridge.ignored_hf_patterns)
         show_progress = show_progress and dist.get_rank() == 0
         return load_hf_weights(chunks, reader, registry, self._context(provider), show_progress=show_progress)
 
@@ -193,10 +183,10 @@ class AutoBridge:
                           dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, tensor)``, a few tensors at a time. Every rank must drain it."""
         chunks = _as_chunks(model)
-        hf_order = self._hf_order() if order == "safetensors" else None
+        hf_order = self.source.tensor_order() if order == "safetensors" else None
         return export_hf_weights(
             chunks, self.mapping_registry(), self._context(_provider_of(chunks)), mode=mode,
-            hf_order=hf_order, keep_tied=self._kept_tied(), dtypes=self._export_dtypes(dtype), cpu=cpu,
+            hf_order=hf_order, keep_tied=self._kept_tied(), dtypes=self._export_dtypes(chunks, dtype), cpu=cpu,
             show_progress=show_progress, plan=self.export_plan(chunks) if order == "safetensors" else None,
         )
 
@@ -254,14 +244,14 @@ class AutoBridge:
             config = copy.deepcopy(config)
             config.dtype = dtype
         extra = {"config.json": config.to_json_string(use_diff=False)}
-        generation = self._generation_config()
+        generation = self.source.generation_config(self.hf_config)
         if generation is not None:
             extra["generation_config.json"] = generation.to_json_string()
-        return extra, self._tokenizer_files()
+        return extra, self.source.metadata_files()
 
     def source_weight_map(self) -> dict[str, str] | None:
         """The source checkpoint's tensor -> file map (saves mirror its sharding); None without weights."""
-        return self.checkpoint_reader().weight_map if self._has_weights() else None
+        return self.source.weight_map()
 
     def export_plan(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> ExportPlan:
         """What every rank exports, in which order (the source checkpoint's), and to whom.
@@ -275,7 +265,7 @@ class AutoBridge:
         cached = self._plans.get(chunks[0])
         if cached is not None and cached[0] == key:
             return cached[1]
-        plan = ExportPlan.compute(chunks, self.mapping_registry(), hf_order=self._hf_order(),
+        plan = ExportPlan.compute(chunks, self.mapping_registry(), hf_order=self.source.tensor_order(),
                                   keep_tied=self._kept_tied())
         self._plans[chunks[0]] = (key, plan)  # dropped with the model
         return plan
@@ -290,20 +280,17 @@ class AutoBridge:
         """Name, shape and dtype of every HF tensor an export yields, in export order (from
         :meth:`export_plan`)."""
         chunks = _as_chunks(model)
-        dtypes = self._export_dtypes(dtype)
+        dtypes = self._export_dtypes(chunks, dtype)
         return [TensorSpec(name, shape, dtypes.get(name, megatron_dtype)) for name, shape, megatron_dtype
                 in self.export_plan(chunks).hf_tensors(self._context(_provider_of(chunks)))]
 
     def mapping_registry(self):
-        return self._model_bridge.mapping_registry()
+        """The family's table of Megatron <-> HF name mappings."""
+        return self.model_bridge.mapping_registry()
 
     def checkpoint_reader(self) -> HFCheckpointReader:
         """The validated safetensors reader of the source checkpoint (downloaded when a Hub id)."""
-        if self._reader is None:
-            if self._source is None:
-                raise ValueError("This bridge was made from a config alone: it has no HF weights to read.")
-            self._reader = HFCheckpointReader(self._weights_folder(), allow_pickle=self._allow_pickle)
-        return self._reader
+        return self.source.reader()
 
     # --- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -318,66 +305,19 @@ class AutoBridge:
             f"{', '.join(families.supported_architectures())}."
         )
 
-    def _has_weights(self) -> bool:
-        return self._source is not None
-
-    def _weights_folder(self) -> Path:
-        """The local folder of the source checkpoint (downloaded once when a Hub id)."""
-        if self._folder is None:
-            self._folder = self._find_weights_folder()
-        return self._folder
-
-    def _find_weights_folder(self) -> Path:
-        hub_kwargs = dict(self._hub_kwargs)
-        subfolder = hub_kwargs.pop("subfolder", None) or ""
-        source = Path(self._source)
-        if source.is_dir():
-            return source / subfolder
-        from huggingface_hub import snapshot_download
-
-        patterns = [f"{subfolder}/*"] if subfolder else None
-        return Path(snapshot_download(self._source, revision=self._revision, allow_patterns=patterns,
-                                      **hub_kwargs)) / subfolder
-
     def _context(self, provider: GPTModelProvider) -> ConversionContext:
         return ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
 
-    def _hf_order(self) -> list[str] | None:
-        """The source checkpoint's tensors shard by shard, so each shard completes in turn."""
-        if not self._has_weights():
-            return None
-        reader = self.checkpoint_reader()
-        names = reader.names()
-        files = sorted(set(reader.weight_map.values()))
-        return sorted(names, key=lambda n: files.index(reader.weight_map[n]))
-
     def _kept_tied(self) -> list[str]:
         """Tied Megatron parameters whose HF tensor the source checkpoint stores anyway."""
-        if not self._has_weights():
-            return []
-        return self.mapping_registry().tied_stored_in(self.checkpoint_reader())
+        return self.mapping_registry().tied_stored_in(self.source.tensor_names())
 
-    def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    def _export_dtypes(self, chunks: list[torch.nn.Module], dtype: torch.dtype | None) -> dict[str, torch.dtype]:
         """Per HF tensor: the asked dtype, else the source checkpoint's, else the config's."""
-        if dtype is not None or not self._has_weights():
-            default = dtype or families.base.hf_dtype(self.hf_config)
-            return _Everything(default)
-        reader = self.checkpoint_reader()
-        return {name: reader.dtype(name) for name in reader.names()}
-
-    def _generation_config(self) -> GenerationConfig | None:
-        if self._has_weights():
-            try:
-                return GenerationConfig.from_pretrained(self._weights_folder())
-            except OSError:
-                pass
-        return GenerationConfig.from_model_config(self.hf_config)
-
-    def _tokenizer_files(self) -> list[Path]:
-        if not self._has_weights():
-            return []
-        folder = self._weights_folder()
-        return [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        stored = {} if dtype is not None else self.source.tensor_dtypes()
+        if stored:
+            return stored
+        return dict.fromkeys(self.export_plan(chunks).destinations(), dtype or families.base.hf_dtype(self.hf_config))
 
 
 class CausalLMBridge(AutoBridge):
@@ -395,17 +335,6 @@ class _HFWeightLoader:
 
     def __call__(self, chunks: list[torch.nn.Module], provider: GPTModelProvider) -> list[str]:
         return self.bridge.load_hf_weights(chunks, provider, show_progress=self.show_progress)
-
-
-class _Everything(dict):
-    """A dtype table that answers one dtype for every name."""
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self._dtype = dtype
-
-    def get(self, key, default=None):
-        return self._dtype
 
 
 def _causal_lm_architectures(config: PretrainedConfig) -> list[str]:

@@ -353,7 +353,7 @@ def inspect_checkpoint(model: str) -> dict[str, Any]:
     for mapping in registry.get_all_mappings():
         count = mapping.megatron.count("*")
         instances = [[str(v) for v in values] for values in
-                     itertools.product(*(range(n) for n in bridge._model_bridge.wildcard_ranges()[:count]))]
+                     itertools.product(*(range(n) for n in bridge.model_bridge.wildcard_ranges()[:count]))]
         names = [mapping.hf_names(values) for values in instances]
         row: dict[str, Any] = {"mapping": str(mapping), "kind": mapping.kind, "megatron": mapping.megatron,
                                "hf": list(mapping.hf_patterns), "count": len(instances),
@@ -370,7 +370,7 @@ def inspect_checkpoint(model: str) -> dict[str, Any]:
     return {
         "model": model,
         "architectures": list(bridge.hf_config.architectures or []),
-        "bridge": type(bridge._model_bridge).__name__,
+        "bridge": type(bridge.model_bridge).__name__,
         "transformer_config": _changed_fields(provider),
         "mappings": rows,
         "parameters": total,

@@ -33,9 +33,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, GenerationConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
-from lightning_bridge.bridge import TOKENIZER_FILES, AutoBridge
+from lightning_bridge.bridge import AutoBridge
 from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.provider import GPTModelProvider
 from lightning_bridge.publish import (
@@ -49,6 +49,7 @@ from lightning_bridge.publish import (
     run_on_rank_zero,
     save_fault,
 )
+from lightning_bridge.sources import MegatronCheckpointSource
 
 logger = logging.getLogger(__name__)
 
@@ -134,17 +135,12 @@ def write_hf_metadata(bridge: AutoBridge, folder: str | os.PathLike,
         (hf_dir / name).write_text(text)
     for file in copy_files:
         shutil.copy2(file, hf_dir / file.name)
-    hf_tensors: dict[str, str] = {}
-    if isinstance(bridge, _CheckpointBridge):
-        hf_tensors = dict(bridge.hf_tensors)
-    elif bridge.source_weight_map() is not None:
-        reader = bridge.checkpoint_reader()
-        hf_tensors = {name: str(reader.dtype(name)).removeprefix("torch.") for name in sorted(reader.names())}
+    hf_tensors = {name: str(dtype).removeprefix("torch.") for name, dtype in sorted(bridge.source.tensor_dtypes().items())}
     metadata: dict[str, Any] = {
         "format": FORMAT,
         "version": 1,
         "architectures": list(bridge.hf_config.architectures or []),
-        "hf_source": bridge.source,
+        "hf_source": bridge.source.name,
         "hf_tensors": hf_tensors,
     }
     if provider is not None:
@@ -196,7 +192,8 @@ def checkpoint_bridge(path: str | os.PathLike, hf_config: str | os.PathLike | Pr
         hf_config = hf_dir
     config = hf_config if isinstance(hf_config, PretrainedConfig) else AutoConfig.from_pretrained(str(hf_config))
     files_dir = hf_dir if hf_dir.is_dir() else (Path(hf_config) if isinstance(hf_config, (str, Path)) else None)
-    return _CheckpointBridge(config, files_dir, read_metadata(path), torch_dtype=torch_dtype)
+    source = MegatronCheckpointSource(files_dir, read_metadata(path).get("hf_tensors"))
+    return AutoBridge(config, source=source, torch_dtype=torch_dtype)
 
 
 def check_megatron_checkpoint(path: str | os.PathLike) -> None:
@@ -238,41 +235,13 @@ def load_model_weights(chunks: Sequence[torch.nn.Module], path: str | os.PathLik
     with warnings.catch_warnings(), _read_faults(path):  # megatron-core 0.16's own use of deprecated torch APIs
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", message=".*ShardedTensor.*")
-        prefix = _model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
+        prefix = model_key_prefix(dist_checkpointing.load_tensors_metadata(str(path)))
         template = {"state_dict": sharded_model_state_dict(list(chunks), prefix=prefix)}
         loaded = dist_checkpointing.load(template, str(path))
     restore_model_chunks(list(chunks), loaded["state_dict"])
 
 
 # --- helpers ------------------------------------------------------------------------------------
-class _CheckpointBridge(AutoBridge):
-    """An AutoBridge whose HF source is described by a Megatron checkpoint's saved files, not weights."""
-
-    def __init__(self, hf_config: PretrainedConfig, files_dir: Path | None, metadata: dict[str, Any],
-                 torch_dtype: torch.dtype | str | None = None):
-        super().__init__(hf_config, torch_dtype=torch_dtype)
-        self.files_dir = files_dir
-        self.hf_tensors: dict[str, str] = dict(metadata.get("hf_tensors") or {})
-
-    def _kept_tied(self) -> list[str]:
-        return self.mapping_registry().tied_stored_in(self.hf_tensors)
-
-    def _export_dtypes(self, dtype: torch.dtype | None) -> dict[str, torch.dtype]:
-        if dtype is not None or not self.hf_tensors:
-            return super()._export_dtypes(dtype)
-        return {name: getattr(torch, value) for name, value in self.hf_tensors.items()}
-
-    def _generation_config(self) -> GenerationConfig | None:
-        if self.files_dir is not None and (self.files_dir / "generation_config.json").is_file():
-            return GenerationConfig.from_pretrained(self.files_dir)
-        return super()._generation_config()
-
-    def _tokenizer_files(self) -> list[Path]:
-        if self.files_dir is None:
-            return []
-        return [self.files_dir / name for name in TOKENIZER_FILES if (self.files_dir / name).is_file()]
-
-
 _CORRUPT = (EOFError, pickle.UnpicklingError, json.JSONDecodeError, UnicodeDecodeError, zipfile.BadZipFile)
 
 
@@ -315,7 +284,7 @@ def _strip_wrapper_prefix(state: dict[str, Any]) -> dict[str, Any]:
     return stripped
 
 
-def _model_key_prefix(tensors: dict[str, Any]) -> str:
+def model_key_prefix(tensors: dict[str, Any]) -> str:
     """What precedes the GPTModel's own tensor keys in a checkpoint: "" for ours, "module." for the
     strategy's (written through Megatron's DDP wrapper)."""
     prefixes = {key[: key.index(anchor)] for key in tensors if not key.startswith("optimizer")

@@ -6,8 +6,10 @@ same length as ``input_ids``, shifted inside, -100 ignored), ``attention_mask`` 
 the whole global batch, whatever the parallel layout.
 
 To change the loss, override :meth:`CausalLMModule.loss_function`; to change the optimizer or
-schedule, override :meth:`CausalLMModule.configure_optimizers` (it returns a Megatron optimizer
-and, optionally, a scheduler with ``step(increment)``). The same code runs at PP=1 and PP>1.
+schedule, override :meth:`CausalLMModule.configure_optimizers` (it returns one Megatron optimizer in
+any of Lightning's forms, e.g. ``{"optimizer": ..., "lr_scheduler": ...}``; the module steps the
+scheduler itself, Megatron's ``OptimizerParamScheduler`` by ``step(increment=1)``). The same code
+runs at PP=1 and PP>1.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class CausalLMModule(pl.LightningModule):
         labels, mask = next_token_targets(batch)
         return causal_lm_loss(logits, labels, mask, self.vocab_size)
 
-    def configure_optimizers(self) -> Any:
+    def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (Megatron's, distributed or not as the strategy's DDP) with linear warmup then cosine decay."""
         from megatron.core.optimizer import OptimizerConfig
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -77,8 +79,7 @@ class CausalLMModule(pl.LightningModule):
         config = OptimizerConfig(
             optimizer="adam", lr=hp.learning_rate, min_lr=self._min_lr(), weight_decay=hp.weight_decay,
             adam_beta1=hp.adam_betas[0], adam_beta2=hp.adam_betas[1], adam_eps=hp.adam_eps,
-            clip_grad=hp.gradient_clip_val, bf16=provider.bf16, fp16=provider.fp16,
-            params_dtype=provider.params_dtype,
+            clip_grad=hp.gradient_clip_val, **provider.precision(),  # the model's precision
             use_distributed_optimizer=strategy.ddp_config.use_distributed_optimizer,  # DDP reduces for it
         )
         optimizer = megatron_optimizer(config, list(self.megatron_model))
@@ -89,14 +90,14 @@ class CausalLMModule(pl.LightningModule):
             lr_decay_steps=max(decay_steps, hp.warmup_steps + 1), lr_decay_style="cosine",
             start_wd=hp.weight_decay, end_wd=hp.weight_decay, wd_incr_steps=decay_steps, wd_incr_style="constant",
         )
-        return optimizer, scheduler
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- Lightning hooks -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, tokens = self.trainer.strategy.forward_backward(batch, self.loss_function)
         self.optimizers().step()
         for scheduler in _as_list(self.lr_schedulers()):
-            scheduler.step(1) if hasattr(scheduler, "num_steps") else scheduler.step()
+            step_scheduler(scheduler)
         self.tokens_seen += int(tokens)
         self.log("train_loss", loss, prog_bar=True, batch_size=_batch_size(batch))
         self.log("lr", self.trainer.strategy.megatron_optimizer.param_groups[0]["lr"], batch_size=_batch_size(batch))
@@ -177,6 +178,17 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     losses = vocab_parallel_cross_entropy(logits, labels, vocab_size)  # fp32, no fp32 copy of the logits
     mask = mask.to(losses.dtype)
     return (losses * mask).sum(), mask.sum()
+
+
+def step_scheduler(scheduler: Any) -> None:
+    """Step a scheduler once per optimizer step: Megatron's ``OptimizerParamScheduler`` (not a torch
+    ``LRScheduler``) by ``step(increment=1)``, a torch scheduler by ``step()``."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if isinstance(scheduler, OptimizerParamScheduler):
+        scheduler.step(increment=1)
+    else:
+        scheduler.step()
 
 
 def _as_list(value: Any) -> list[Any]:

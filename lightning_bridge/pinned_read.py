@@ -45,6 +45,12 @@ class _ThreadBuffers(threading.local):
 _buffers = _ThreadBuffers()
 
 
+def release_buffers() -> None:
+    """Drop this thread's pinned buffers (the next read makes new ones)."""
+    global _buffers
+    _buffers = _ThreadBuffers()
+
+
 def read_to_device(path: str | os.PathLike, offset: int, nbytes: int, device: torch.device) -> torch.Tensor:
     """``nbytes`` bytes of the file at ``offset``, as a uint8 tensor on the CUDA ``device``.
 
@@ -61,7 +67,7 @@ def read_to_device(path: str | os.PathLike, offset: int, nbytes: int, device: to
             while start < nbytes:
                 index = _buffers.next_buffer()
                 size = min(len(_buffers.views[index]), nbytes - start)
-                _read_exactly(fd, _buffers.views[index][:size], offset + start, path)
+                read_exactly(fd, _buffers.views[index][:size], offset + start, path)
                 out[start:start + size].copy_(_buffers.buffers[index][:size], non_blocking=True)
                 last = torch.cuda.Event()
                 last.record(stream)
@@ -74,7 +80,8 @@ def read_to_device(path: str | os.PathLike, offset: int, nbytes: int, device: to
     return out
 
 
-def _read_exactly(fd: int, view: memoryview, offset: int, path: str | os.PathLike) -> None:
+def read_exactly(fd: int, view: memoryview, offset: int, path: str | os.PathLike) -> None:
+    """Fill ``view`` with the file's bytes from ``offset`` (``pread``), or raise EOFError naming where it ends."""
     done = 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)

@@ -56,6 +56,13 @@ logger = logging.getLogger(__name__)
 LayerSpecFn = Callable[["GPTModelProvider"], ModuleSpec]
 
 
+
+def precision_fields(dtype: torch.dtype) -> dict[str, Any]:
+    """The one precision rule: ``params_dtype`` and Megatron's mixed-precision flags for a parameter dtype
+    (bf16 / fp16 parameters train with Megatron's ``Float16Module`` and fp32 main weights; others in full)."""
+    return {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
 class WeightLoader(Protocol):
     """Fills freshly built model chunks with weights: ``loader(chunks, provider)``.
 
@@ -179,6 +186,10 @@ class GPTModelProvider(TransformerConfig):
         """The vocabulary rounded up so it splits evenly (and efficiently) over TP ranks."""
         multiple = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    def precision(self) -> dict[str, Any]:
+        """``params_dtype``, ``bf16`` and ``fp16`` as set: what Megatron's ``OptimizerConfig`` must match."""
+        return {"params_dtype": self.params_dtype, "bf16": self.bf16, "fp16": self.fp16}
 
     def finalize(self) -> None:
         """Check the settings and run Megatron's own ``TransformerConfig`` validation."""

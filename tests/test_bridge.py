@@ -180,7 +180,7 @@ def test_transformer_config_family_fields(family, field, value):
 
 def test_mapping_registry_is_readable(source):
     bridge = AutoBridge.from_hf_pretrained(source)
-    mappings = bridge._model_bridge.mapping_registry().get_all_mappings()
+    mappings = bridge.model_bridge.mapping_registry().get_all_mappings()
     lines = [str(m) for m in mappings]
     assert "vocab: embedding.word_embeddings.weight <- model.embed_tokens.weight" in lines[0]
     assert any(line.strip() == "gated-mlp: decoder.layers.*.mlp.linear_fc1.weight <- "

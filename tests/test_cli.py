@@ -335,3 +335,106 @@ def test_convert_onto_a_real_tiny_full_disk(tmp_path, capsys):
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def _refused(capsys, *phrases: str) -> str:
+    """The CLI's one-line error (no traceback) holding every phrase."""
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and err.startswith("lightning-bridge convert: error: "), err
+    assert all(phrase in err for phrase in phrases), (phrases, err)
+    return err
+
+
+@pytest.mark.parametrize("code,what,fix", [(13, "permission denied", "writable for this user"),
+                                           (30, "read-only file system", "writable for this user")],
+                         ids=["permission-denied", "read-only"])
+def test_convert_onto_a_target_it_cannot_write_ends_in_one_line(tmp_path, capsys, monkeypatch, code, what, fix):
+    """EACCES / EROFS from Megatron's writer (hf-to-megatron) and from the safetensors writer (megatron-to-hf),
+    and from creating the output folder itself; nothing half-written is left."""
+    import errno
+    import os
+
+    from megatron.core import dist_checkpointing
+
+    source = make_checkpoint("llama", tmp_path / "hf")
+    meg = tmp_path / "meg"
+    assert main(["convert", "hf-to-megatron", str(source), str(meg), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / "x"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dist_checkpointing, "save", refused)
+        assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "out"), "--no-progress"]) == 1
+    _refused(capsys, f"Could not write the Megatron checkpoint {tmp_path / 'out'}: {what}", fix)
+    with monkeypatch.context() as patch:
+        patch.setattr("lightning_bridge.safetensors_stream.StreamedSafetensorsFile._write_at", refused)
+        assert main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "hf-out"), "--no-progress"]) == 1
+    _refused(capsys, str(tmp_path / "hf-out"), what, fix)
+    real_mkdir = os.mkdir
+
+    def mkdir_refused(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / ".")):  # the staging folder beside the output
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "mkdir", mkdir_refused)
+        assert main(["convert", "hf-to-megatron", str(source), str(tmp_path / "out"), "--no-progress"]) == 1
+        _refused(capsys, str(tmp_path / "out"), what, fix)
+        assert main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "hf-out"), "--no-progress"]) == 1
+        _refused(capsys, str(tmp_path / "hf-out"), what, fix)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "meg"]  # nothing half-written
+    assert errno.errorcode[code] in ("EACCES", "EROFS")
+
+
+@pytest.mark.parametrize("damage,why", [("truncate_shard", "EOFError"), ("truncate_metadata", "UnpicklingError"),
+                                        ("garble_megatron_metadata", "JSONDecodeError"),
+                                        ("unreadable", "permission denied")])
+def test_converting_a_damaged_or_unreadable_megatron_checkpoint_ends_in_one_line(tmp_path, capsys, monkeypatch,
+                                                                              damage, why):
+    import shutil
+
+    from megatron.core import dist_checkpointing
+
+    source = make_checkpoint("llama", tmp_path / "hf")
+    meg = tmp_path / "meg"
+    assert main(["convert", "hf-to-megatron", str(source), str(meg), "--no-progress"]) == 0
+    capsys.readouterr()
+    if damage == "truncate_shard":
+        shard = sorted(meg.glob("*.distcp"))[0]
+        shard.write_bytes(shard.read_bytes()[:1000])
+    elif damage == "truncate_metadata":
+        (meg / ".metadata").write_bytes((meg / ".metadata").read_bytes()[:500])
+    elif damage == "garble_megatron_metadata":
+        (meg / "metadata.json").write_text("{garbage")
+    else:  # root reads any file: the error a non-root user gets, from Megatron's reader
+        def unreadable(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(meg / "__0_0.distcp"))
+
+        monkeypatch.setattr(dist_checkpointing, "load", unreadable)
+    assert main(["convert", "megatron-to-hf", str(meg), str(tmp_path / "hf-out"), "--no-progress"]) == 1
+    if damage == "unreadable":
+        _refused(capsys, f"Could not read the checkpoint {meg}: permission denied", "readable for this user")
+    else:
+        _refused(capsys, f"The checkpoint {meg} is corrupt or truncated ({why}", "Copy it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "meg"]
+    shutil.rmtree(meg)
+
+
+def test_the_command_exits_non_zero_with_one_line_for_a_truncated_checkpoint(tmp_path, capsys):
+    """The real entry point, in its own process: exit status 1, one line on stderr, no traceback."""
+    source = make_checkpoint("llama", tmp_path / "hf")
+    meg = tmp_path / "meg"
+    assert main(["convert", "hf-to-megatron", str(source), str(meg), "--no-progress"]) == 0
+    shard = sorted(meg.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    done = subprocess.run([sys.executable, "-m", "lightning_bridge.cli", "convert", "megatron-to-hf", str(meg),
+                           str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True,
+                          env={**clean_environment(), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"lightning-bridge convert: error: The checkpoint {meg} is corrupt or truncated (EOFError). "
+                     "Copy it again if it came from elsewhere, or write it again (convert hf-to-megatron, or the "
+                     "training run's checkpoint)."], done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

@@ -96,10 +96,10 @@ def test_model_key_prefix_reads_ours_and_the_strategys():
     ours = {"embedding.word_embeddings.weight": 0, "decoder.final_layernorm.weight": 0}
     strategy = {"module.embedding.word_embeddings.weight": 0, "module.decoder.layers.mlp.linear_fc1.weight": 0,
                 "optimizer.distributed.dp_group_idx_0.param": 0}
-    assert dist_checkpoint._model_key_prefix(ours) == ""
-    assert dist_checkpoint._model_key_prefix(strategy) == "module."
+    assert dist_checkpoint.model_key_prefix(ours) == ""
+    assert dist_checkpoint.model_key_prefix(strategy) == "module."
     with pytest.raises(ValueError, match="Cannot find the model's tensors"):
-        dist_checkpoint._model_key_prefix({"something.else": 0})
+        dist_checkpoint.model_key_prefix({"something.else": 0})
 
 
 def test_torch_dtype_sets_the_built_models_dtype_and_the_export_keeps_the_sources(saved):

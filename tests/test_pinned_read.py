@@ -34,7 +34,7 @@ def host_reads(monkeypatch):
 
         fd = os.open(path, os.O_RDONLY)
         try:
-            pinned_read._read_exactly(fd, memoryview(out.numpy()), offset, path)
+            pinned_read.read_exactly(fd, memoryview(out.numpy()), offset, path)
         finally:
             os.close(fd)
         return out
@@ -95,7 +95,9 @@ def cuda_faked_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: real_empty(*a, **k))
-    monkeypatch.setattr(pinned_read, "_buffers", pinned_read._ThreadBuffers())
+    pinned_read.release_buffers()  # buffers made with the faked torch.empty, then dropped
+    yield
+    pinned_read.release_buffers()
 
 
 def test_the_chunk_loop_reads_every_byte_range_exactly(tmp_path, cuda_faked_on_cpu, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import make_checkpoint
+from factories import make_checkpoint, make_hf_config
 from megatron.core.transformer import TransformerConfig
 
 from lightning_bridge import AutoBridge, GPTModelProvider
@@ -336,3 +336,13 @@ def test_a_deep_copy_shares_the_weight_loader(checkpoint):
     copied = copy.deepcopy(provider)
     assert copied.weight_loader is provider.weight_loader and copied.hidden_size == provider.hidden_size
     assert copied.rotary_inv_freq is None or copied.rotary_inv_freq is not provider.rotary_inv_freq
+
+
+def test_precision_fields_is_the_one_precision_rule():
+    from lightning_bridge.provider import precision_fields
+
+    assert precision_fields(torch.bfloat16) == {"params_dtype": torch.bfloat16, "bf16": True, "fp16": False}
+    assert precision_fields(torch.float16) == {"params_dtype": torch.float16, "bf16": False, "fp16": True}
+    assert precision_fields(torch.float32) == {"params_dtype": torch.float32, "bf16": False, "fp16": False}
+    bridge = AutoBridge.from_hf_config(make_hf_config("llama"), torch_dtype="float16")
+    assert bridge.to_megatron_provider().precision() == precision_fields(torch.float16)

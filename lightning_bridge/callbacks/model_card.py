@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.sax.saxutils import escape
 
-__all__ = ["LossPlot", "TrainingSummary", "base_model_for", "card_metadata", "render_loss_plot",
+from lightning_bridge.sources import HFSource
+
+__all__ = ["LossPlot", "TrainingSummary", "base_model_for", "card_metadata", "nice_ticks", "render_loss_plot",
            "render_loss_svg", "render_model_card"]
 
 DEFAULT_TAGS = ("lightning-bridge", "megatron-core")
@@ -73,7 +75,9 @@ def base_model_for(source: Any) -> tuple[str | None, str | None]:
     """
     if source is None:
         return None, None
-    source = getattr(source, "_source", source)  # an AutoBridge: its source checkpoint
+    source = getattr(source, "source", source)  # an AutoBridge: its source
+    if isinstance(source, HFSource):
+        source = source.name
     if not isinstance(source, (str, Path)):
         return None, None
     text = str(source)
@@ -210,8 +214,8 @@ def render_loss_svg(steps: Sequence[int], losses: Sequence[float], title: str = 
     if stride > 1:
         points = points[::stride] + ([points[-1]] if (len(points) - 1) % stride else [])
     xs, ys = [p[0] for p in points] or [0.0], [p[1] for p in points] or [0.0]
-    x_ticks = _nice_ticks(min(xs), max(xs), integer=True)
-    y_ticks = _nice_ticks(min(ys), max(ys))
+    x_ticks = nice_ticks(min(xs), max(xs), integer=True)
+    y_ticks = nice_ticks(min(ys), max(ys))
     x0, x1 = x_ticks[0], x_ticks[-1]
     y0, y1 = y_ticks[0], y_ticks[-1]
     plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _TOP - _BOTTOM
@@ -245,7 +249,7 @@ def render_loss_svg(steps: Sequence[int], losses: Sequence[float], title: str = 
     return "\n".join(out) + "\n"
 
 
-def _nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+def nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
     """Round tick values covering [low, high] (at least two, strictly increasing)."""
     if high - low < 1e-12:
         pad = max(abs(low) * 0.05, 1.0 if integer else 1e-3)

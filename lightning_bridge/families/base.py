@@ -23,7 +23,7 @@ from transformers import PretrainedConfig
 
 from lightning_bridge.conversion.mappings import WeightMapping
 from lightning_bridge.conversion.registry import MappingRegistry
-from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.provider import GPTModelProvider, precision_fields
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ class ModelBridge:
         kwargs.update(self.computed_config())
         kwargs.update(overrides)
         if kwargs.get("params_dtype") in (torch.bfloat16, torch.float16) and "bf16" not in overrides:
-            kwargs.setdefault("bf16", kwargs["params_dtype"] == torch.bfloat16)
-            kwargs.setdefault("fp16", kwargs["params_dtype"] == torch.float16)
+            kwargs = {**precision_fields(kwargs["params_dtype"]), **kwargs}
         return GPTModelProvider(**kwargs)
 
     def wildcard_ranges(self) -> Sequence[int]:

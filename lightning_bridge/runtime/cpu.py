@@ -53,7 +53,7 @@ def _is_cuda_device(device: Any) -> bool:
     return False
 
 
-class _CudaToCpuMode(TorchFunctionMode):
+class CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU and answers Megatron's CUDA type checks."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -162,7 +162,7 @@ def _patch_autograd_engine() -> None:
     original = graph._engine_run_backward
 
     def engine_run_backward(*args: Any, **kwargs: Any) -> Any:
-        with _CudaToCpuMode():
+        with CudaToCpuMode():
             return original(*args, **kwargs)
 
     graph._engine_run_backward = autograd._engine_run_backward = engine_run_backward
@@ -200,6 +200,6 @@ def activate() -> bool:
             _ACTIVE = True
             logger.debug("lightning_bridge CPU runtime active: Megatron-Core CUDA calls run on the CPU")
     if not getattr(_THREAD, "mode", None):
-        _THREAD.mode = _CudaToCpuMode()
+        _THREAD.mode = CudaToCpuMode()
         _THREAD.mode.__enter__()  # stays on for the life of this thread
     return True

@@ -32,7 +32,7 @@ from lightning.fabric.plugins import ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import _init_dist_connection
 from lightning.fabric.utilities.distributed import group as _group
-from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.core.optimizer import LightningOptimizer, _configure_schedulers_manual_opt
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ParallelStrategy, StrategyRegistry
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
@@ -44,11 +44,10 @@ from typing_extensions import override
 
 from lightning_bridge.bridge import AutoBridge
 from lightning_bridge.dist_checkpoint import restore_model_chunks, sharded_model_state_dict, write_hf_metadata
-from lightning_bridge.distributed import initialize_model_parallel
 from lightning_bridge.attention import resolve_backend
 from lightning_bridge.masks import attention_mask_for
 from lightning_bridge.optim import step_tensor
-from lightning_bridge.provider import GPTModelProvider
+from lightning_bridge.provider import GPTModelProvider, precision_fields
 from lightning_bridge.publish import make_staging_folder, publish_folder, run_on_rank_zero
 from lightning_bridge.runtime import cpu as cpu_runtime
 
@@ -212,26 +211,36 @@ class MegatronBridgeStrategy(ParallelStrategy):
         self.model = module
         if fitting:
             self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
         self.barrier()
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
-        """The module's ``configure_optimizers`` returns a Megatron optimizer (and scheduler)."""
-        result = self.lightning_module.configure_optimizers()
-        optimizer, schedulers = (result, []) if not isinstance(result, (tuple, list)) else (result[0], list(result[1:]))
-        if isinstance(optimizer, dict):
-            schedulers = [optimizer["lr_scheduler"]] if optimizer.get("lr_scheduler") else []
-            optimizer = optimizer["optimizer"]
-        from lightning.pytorch.utilities.types import LRSchedulerConfig
-
+        """Read ``configure_optimizers`` in any of Lightning's documented forms; it must hold exactly one
+        Megatron optimizer (schedulers, e.g. Megatron's ``OptimizerParamScheduler``, are the module's to step)."""
+        optimizers, schedulers = parse_optimizers(self.lightning_module.configure_optimizers())
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"MegatronBridgeStrategy trains with exactly one Megatron optimizer, but configure_optimizers "
+                f"returned {len(optimizers)} ({', '.join(type(o).__name__ for o in optimizers) or 'none'}). Return "
+                '{"optimizer": megatron_optimizer(config, list(self.megatron_model)), "lr_scheduler": scheduler} '
+                "(a tuple (optimizer, scheduler) is two optimizers to Lightning)."
+            )
+        optimizer = optimizers[0]
         self._check_optimizer_matches_ddp(optimizer)
         self.megatron_optimizer = optimizer
         self.optimizers = [optimizer]
-        self.lr_scheduler_configs = [
-            s if isinstance(s, LRSchedulerConfig) else LRSchedulerConfig(scheduler=s, interval="step")
-            for s in schedulers
-        ]
+        self.lr_scheduler_configs = _configure_schedulers_manual_opt(schedulers)
         self._connect_optimizer(optimizer)
+
+    @override
+    def setup_precision_plugin(self) -> None:
+        """Use Lightning's plain precision plugin: Megatron's ``Float16Module`` does mixed precision itself.
+
+        The Trainer's precision became the parameter dtype when the model was built; its own plugin
+        (autocast, a grad scaler) would wrap Megatron's steps a second time.
+        """
+        self.precision_plugin = Precision()
 
     @override
     def model_to_device(self) -> None:
@@ -428,8 +437,7 @@ class MegatronBridgeStrategy(ParallelStrategy):
             torch.cuda.set_device(self.root_device)
         if not dist.is_initialized():
             _init_dist_connection(self.cluster_environment, backend, timeout=self._timeout)
-        sizes = {k: v for k, v in self.parallel_sizes.items()}
-        initialize_model_parallel(**sizes, seed=self.seed)
+        # Megatron's parallel groups are made by the provider when it builds the model (once per build).
 
     def set_world_ranks(self) -> None:
         if self.cluster_environment is not None:
@@ -478,13 +486,10 @@ class MegatronBridgeStrategy(ParallelStrategy):
     def _build_model(self, wrap_with_ddp: bool) -> list[torch.nn.Module]:
         self.bridge = self._resolve_bridge()
         dtype = self._resolve_dtype()
-        self.precision_plugin = Precision()  # Megatron's Float16Module does mixed precision itself
         provider = self.bridge.to_megatron_provider(load_weights=self.load_weights)
-        for key, value in {**self.parallel_sizes, "sequence_parallel": self.sequence_parallel}.items():
+        fields = {**self.parallel_sizes, "sequence_parallel": self.sequence_parallel, **precision_fields(dtype)}
+        for key, value in fields.items():
             setattr(provider, key, value)
-        provider.params_dtype = dtype
-        provider.bf16, provider.fp16 = dtype == torch.bfloat16, dtype == torch.float16
-        provider.pipeline_dtype = dtype
         provider.seed = self.seed
         provider.calculate_per_token_loss = True
         for key, value in {**RECOMPUTE[self.recompute], **self.provider_overrides}.items():
@@ -605,6 +610,33 @@ class MegatronBridgeStrategy(ParallelStrategy):
             dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return (totals[0] / totals[1].clamp_min(1)).float(), totals[1].float()
+
+
+def parse_optimizers(conf: Any) -> tuple[list[Any], list[Any]]:
+    """``(optimizers, schedulers)`` from a ``configure_optimizers`` result in Lightning's documented forms.
+
+    The forms are Lightning's (``lightning.pytorch.core.optimizer``): one optimizer; a list or tuple
+    of optimizers; ``([optimizers], [schedulers])``; ``{"optimizer": ..., "lr_scheduler": ...}``; a
+    list of such dicts. Lightning's own parser recognises an optimizer by torch's attributes, which a
+    Megatron optimizer lacks (it has no ``defaults``), so anything that is not a dict, list or tuple
+    is taken as one optimizer here.
+    """
+    if conf is None:
+        return [], []
+    if isinstance(conf, dict):
+        conf = [conf]
+    if isinstance(conf, (list, tuple)) and conf and all(isinstance(item, dict) for item in conf):
+        for item in conf:
+            if "optimizer" not in item:
+                raise ValueError(f'configure_optimizers returned a dict without "optimizer": keys {sorted(item)}.')
+        return ([item["optimizer"] for item in conf],
+                [item["lr_scheduler"] for item in conf if item.get("lr_scheduler") is not None])
+    if isinstance(conf, (list, tuple)) and len(conf) == 2 and isinstance(conf[0], list):
+        schedulers = conf[1] if isinstance(conf[1], (list, tuple)) else [conf[1]]
+        return list(conf[0]), list(schedulers)
+    if isinstance(conf, (list, tuple)):
+        return list(conf), []
+    return [conf], []
 
 
 def _materialize_optimizer_state(optimizer: Any) -> None:

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 import pytest
 import yaml
 
+from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource
 from lightning_bridge.callbacks.model_card import (
     TrainingSummary,
-    _nice_ticks,
+    nice_ticks,
     base_model_for,
     card_metadata,
     render_loss_plot,
@@ -40,8 +41,10 @@ def test_base_model_from_hub_id_cache_and_local_folder(tmp_path):
     assert base_model_for("./not/../an-id") == (None, "an-id")
     assert base_model_for(None) == (None, None)
     assert base_model_for(object()) == (None, None)
-    bridge = type("Bridge", (), {"_source": "org/model"})()
+    bridge = type("Bridge", (), {"source": HFCheckpointSource("org/model")})()  # an AutoBridge's source
     assert base_model_for(bridge) == ("org/model", None)
+    assert base_model_for(HFCheckpointSource(str(local))) == (None, "my-llama")
+    assert base_model_for(ConfigOnlySource()) == (None, None)
 
 
 def test_metadata_and_summary():
@@ -94,7 +97,7 @@ def test_svg_plot_edge_cases():
     gaps = ET.fromstring(render_loss_svg([1, 2, 3], [1.0, float("nan"), float("inf")]))
     assert gaps.find(f"{SVG}circle") is not None  # one finite point left
     for low, high in ((0.0, 1.0), (2.31, 2.34), (1, 10_000), (5.0, 5.0)):
-        ticks = _nice_ticks(low, high)
+        ticks = nice_ticks(low, high)
         assert ticks[0] <= low and ticks[-1] >= high and ticks == sorted(set(ticks)) and len(ticks) >= 2
 
 

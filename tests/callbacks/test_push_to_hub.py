@@ -29,7 +29,6 @@ from huggingface_hub import HfApi, snapshot_download
 from processes import launch
 
 from lightning_bridge.builtin import build_tokenizer
-from lightning_bridge.callbacks.hub_upload import _classify, _retry_after
 from lightning_bridge.callbacks.push_to_hub import PushResult, PushToHub
 from lightning_bridge.testing import HubEmulator
 
@@ -408,34 +407,6 @@ def test_push_every_checkpoint_to_branches_without_overlap(emu, local, tmp_path)
     assert sorted(b.name for b in refs.branches) == ["main", "step-3"]
     assert _commits(emu, revision="step-3") == ["Upload step-3 (lightning-bridge)", "initial commit"]
     assert not (dirpath / "step-3" / "README.md").exists()  # intermediate checkpoints are left untouched
-
-
-def test_retry_classification():
-    from huggingface_hub.errors import HfHubHTTPError
-
-    transport = _transport()
-
-    def http_error(status: int, headers: dict | None = None) -> HfHubHTTPError:
-        request = transport.Request("POST", "http://127.0.0.1/api/x")
-        return HfHubHTTPError(f"{status}", response=transport.Response(status, headers=headers, request=request))
-
-    assert _classify(http_error(500))[:2] == (500, True)
-    assert _classify(http_error(429, {"Retry-After": "7"})) == (429, True, 7.0)
-    assert _classify(http_error(404))[:2] == (404, False)
-    assert _classify(http_error(401))[:2] == (401, False)
-    assert _classify(transport.RemoteProtocolError("dropped"))[1] is True
-    assert _classify(ConnectionResetError())[1] is True
-    assert _classify(FileNotFoundError("x"))[1] is False
-    assert _classify(ValueError("x"))[1] is False
-    try:  # huggingface_hub wraps LFS upload errors in a RuntimeError: the cause decides
-        try:
-            raise http_error(502)
-        except HfHubHTTPError as exc:
-            raise RuntimeError("Error while uploading 'x' to the Hub.") from exc
-    except RuntimeError as wrapped:
-        assert _classify(wrapped)[:2] == (502, True)
-    assert _retry_after(SimpleNamespace(headers={"Retry-After": "Thu, 01 Jan 1970 00:00:00 GMT"})) == 0.0
-    assert _retry_after(SimpleNamespace(headers={})) is None
 
 
 def test_arguments_are_checked():

@@ -44,7 +44,7 @@ def check(folder_or_reader, bridge: AutoBridge) -> None:
     reader = folder_or_reader
     if not isinstance(reader, HFCheckpointReader):
         reader = HFCheckpointReader(reader)
-    model_bridge = bridge._model_bridge
+    model_bridge = bridge.model_bridge
     registry = model_bridge.mapping_registry()
     check_checkpoint_names(reader, registry, registry.expected_hf_names(model_bridge.wildcard_ranges()),
                            model_bridge.ignored_hf_patterns)

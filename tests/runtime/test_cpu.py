@@ -20,7 +20,7 @@ def active():
 
 
 def cpu_modes() -> list:
-    return [m for m in _get_current_function_mode_stack() if isinstance(m, cpu._CudaToCpuMode)]
+    return [m for m in _get_current_function_mode_stack() if isinstance(m, cpu.CudaToCpuMode)]
 
 
 def test_activate_is_idempotent():

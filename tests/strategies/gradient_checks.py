@@ -133,8 +133,8 @@ class GradientStep(CausalLMModule):
             distributed = self.trainer.strategy.ddp_config.use_distributed_optimizer
         config = OptimizerConfig(
             optimizer="adam", lr=self.lr * self.EPS, min_lr=self.lr * self.EPS, adam_beta1=0.0, adam_beta2=0.0,
-            adam_eps=self.EPS, weight_decay=0.0, clip_grad=0.0, bf16=provider.bf16, fp16=provider.fp16,
-            params_dtype=provider.params_dtype, loss_scale=self.loss_scale, use_distributed_optimizer=distributed,
+            adam_eps=self.EPS, weight_decay=0.0, clip_grad=0.0, **provider.precision(), loss_scale=self.loss_scale,
+            use_distributed_optimizer=distributed,
         )
         return megatron_optimizer(config, list(self.megatron_model))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -12,7 +13,12 @@ from factories import make_checkpoint
 from processes import launch
 from strategies.strategy_checks import layouts_agree, resume_and_validate
 
+from lightning.pytorch.plugins.precision import Precision
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
 from lightning_bridge import CausalLMModule, MegatronBridgeStrategy
+from lightning_bridge import provider as provider_module
+from lightning_bridge.strategies.megatron import parse_optimizers
 
 LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]  # (TP, PP) on 4 ranks: DP 4, 2, 2, 1
 
@@ -77,12 +83,65 @@ def test_validation_metrics_are_right_on_rank_zero(resumed, source):
 
 # --- clear errors, in one process ---------------------------------------------------------------
 
-def _fit_one_process(strategy, **trainer_kwargs):
+def _fit_one_process(strategy, module=None, **trainer_kwargs):
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=1, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          **trainer_kwargs)
     data = torch.utils.data.DataLoader([{"input_ids": torch.arange(8)}] * 6, batch_size=3)
-    trainer.fit(CausalLMModule(), data)
+    trainer.fit(module or CausalLMModule(), data)
+    return trainer
+
+
+class ReturnsInLightningForm(CausalLMModule):
+    """CausalLMModule's optimizer and scheduler, returned in another of Lightning's forms."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+
+    def configure_optimizers(self):
+        conf = super().configure_optimizers()
+        return self.form(conf["optimizer"], conf["lr_scheduler"]["scheduler"])
+
+
+def test_parse_optimizers_reads_lightnings_documented_forms():
+    opt, other, sched = object(), object(), object()
+    assert parse_optimizers(opt) == ([opt], [])
+    assert parse_optimizers([opt]) == ([opt], []) and parse_optimizers((opt, other)) == ([opt, other], [])
+    assert parse_optimizers(([opt], [sched])) == ([opt], [sched]) and parse_optimizers(([opt], sched)) == ([opt], [sched])
+    assert parse_optimizers({"optimizer": opt, "lr_scheduler": sched}) == ([opt], [sched])
+    assert parse_optimizers({"optimizer": opt}) == ([opt], [])
+    assert parse_optimizers([{"optimizer": opt}, {"optimizer": other, "lr_scheduler": sched}]) == ([opt, other], [sched])
+    assert parse_optimizers(None) == ([], [])
+    with pytest.raises(ValueError, match='without "optimizer"'):
+        parse_optimizers({"lr_scheduler": sched})
+
+
+def test_one_fit_builds_once_in_the_trainers_precision_and_steps_the_dict_forms_scheduler(source, monkeypatch):
+    calls = []
+    initialize = provider_module.initialize_model_parallel
+    monkeypatch.setattr(provider_module, "initialize_model_parallel", lambda **kw: calls.append(kw) or initialize(**kw))
+    trainer = _fit_one_process(MegatronBridgeStrategy(source), precision="bf16-mixed")
+    strategy = trainer.strategy
+    assert len(calls) == 1  # Megatron's parallel groups: made once, by the model build
+    assert strategy.provider.precision() == {"params_dtype": torch.bfloat16, "bf16": True, "fp16": False}
+    assert type(strategy.precision_plugin) is Precision  # Float16Module, not Lightning's autocast
+    (config,) = trainer.lr_scheduler_configs
+    assert isinstance(config.scheduler, OptimizerParamScheduler) and config.interval == "step"
+    assert config.scheduler.num_steps == 1 and trainer.optimizers == [strategy.megatron_optimizer]
+
+
+def test_configure_optimizers_in_the_two_lists_form(source):
+    trainer = _fit_one_process(MegatronBridgeStrategy(source), ReturnsInLightningForm(lambda o, s: ([o], [s])))
+    (config,) = trainer.lr_scheduler_configs
+    assert config.scheduler.num_steps == 1 and config.scheduler.optimizer is trainer.strategy.megatron_optimizer
+
+
+@pytest.mark.parametrize("form,count", [(lambda o, s: (o, s), "returned 2 (ChainedOptimizer, OptimizerParamScheduler)"),
+                                        (lambda o, s: None, "returned 0 (none)")])
+def test_exactly_one_megatron_optimizer_is_required(source, form, count):
+    with pytest.raises(ValueError, match=rf"exactly one Megatron optimizer.*{re.escape(count)}.*\"lr_scheduler\""):
+        _fit_one_process(MegatronBridgeStrategy(source), ReturnsInLightningForm(form))
 
 
 def test_devices_not_divisible_by_tp_x_pp(source):
