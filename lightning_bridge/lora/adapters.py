@@ -77,8 +77,8 @@ class AdapterPlan:
         if (layout.dp_rank, layout.tp_rank) == (0, 0):
             for hf_module, adapter in local_adapters(chunks).items():
                 for kind, param in adapter.named_adapter_tensors():
-                    full = {"lora_A": (param.shape[0], adapter.in_features),
-                            "lora_B": (adapter.out_features, param.shape[1]),
+                    r = adapter.lora_A.shape[0]
+                    full = {"lora_A": (r, adapter.in_features), "lora_B": (adapter.out_features, r),
                             "lora_magnitude_vector": (adapter.out_features,)}[kind]
                     split = kind in adapter.split_kinds and layout.tp_size > 1
                     local.append(AdapterTensor(peft_name(hf_module, kind), hf_module, kind, layout.pp_rank, full,

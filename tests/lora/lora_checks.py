@@ -11,7 +11,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from lightning_bridge import AutoBridge
-from lightning_bridge.lora import adapter_layers
+from lightning_bridge.lora import adapter_layers, parse_peft_name, peft_name
 from lightning_bridge.verify import megatron_logits
 
 # family -> LoraConfig keywords: fused-layer subsets, row-parallel targets, DoRA, rslora, Conv1D
@@ -56,7 +56,7 @@ def peft_reference(model: peft.PeftModel, input_ids: torch.Tensor, loss_weights:
     grads = {}
     for name, param in model.named_parameters():
         if param.grad is not None:
-            grads[name.replace(".default", "")] = param.grad.clone()
+            grads[peft_name(*parse_peft_name(name))] = param.grad.clone()
     return logits.detach(), grads
 
 
@@ -73,14 +73,13 @@ def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: tor
     """Full adapter gradients (PEFT names) of ``sum(logits * loss_weights)`` at PP=1, on every rank:
     each gradient is swapped into its parameter and exported like the adapter."""
     (chunk,) = model
-    chunk.train()
+    chunk.eval()  # no dropout (GPT-2 has some), as the PEFT reference
     chunk.zero_grad()
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq).expand(batch, seq)
     logits = chunk(input_ids, position_ids, None)
     logits = gather_from_tensor_model_parallel_region(logits)[..., : loss_weights.shape[-1]]
     (logits.float() * loss_weights).sum().backward()
-    chunk.eval()
     base_grads = [name for name, p in chunk.named_parameters() if p.grad is not None and ".adapters." not in name]
     saved = {}
     for _, layer in adapter_layers(model):
