@@ -95,13 +95,27 @@ def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: tor
     return {"grads": grads, "base_grads": base_grads}
 
 
+FRESH = dict(r=4, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+
+
+def fresh_adapter(checkpoint: str, tp: int, pp: int) -> dict:
+    """A new adapter (``FRESH``, seed 7) exported on rank 0: the same at every layout."""
+    bridge, model = build(checkpoint, tp, pp)
+    bridge.apply_lora(model, peft.LoraConfig(**FRESH), seed=7)
+    exported = dict(bridge.export_adapter_weights(model))
+    ps.destroy_model_parallel()
+    return exported
+
+
 def run_layouts(cases: dict[str, tuple[str, str]], layouts, input_ids, loss_weights, out_dir: str) -> dict:
-    """In each rank, for every layout and case (checkpoint, PEFT adapter folder): logits with the
-    adapter loaded, the adapter exported, the merged weights exported, the adapter saved; gradients
-    at PP=1."""
+    """In each rank, for every layout (TP, PP, sequence parallel, cases) and case (checkpoint, PEFT
+    adapter folder): logits with the adapter loaded, the adapter exported, the merged weights
+    exported, the adapter saved; gradients at PP=1."""
     results: dict = {}
-    for tp, pp, sp in layouts:
+    for tp, pp, sp, *only in layouts:
         for case, (checkpoint, adapter) in cases.items():
+            if only and case not in only[0]:
+                continue
             key = f"{case}-tp{tp}-pp{pp}{'-sp' if sp else ''}"
             bridge, model = build(checkpoint, tp, pp, sp)
             bridge.load_hf_adapter(model, adapter)
