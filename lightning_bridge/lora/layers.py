@@ -180,6 +180,11 @@ class LoraLinear(MegatronModule):
 
     ``forward(x) -> (output, bias)`` as the base layer. A base layer with ``linear_forward`` and
     ``finish_output`` (a post-norm) gets the adapters' output added between the two.
+
+    ``state_dict()`` and ``sharded_state_dict()`` name the base layer's tensors as the un-adapted
+    model does (``linear_qkv.weight``, not ``linear_qkv.base_layer.weight``) and the adapters'
+    ``linear_qkv.adapters.<projection>.lora_A`` (``lora_B``, ``lora_magnitude_vector``);
+    ``load_state_dict`` takes either spelling of the base keys.
     """
 
     def __init__(self, base_layer: torch.nn.Module, layouts: Sequence[ProjectionLayout], settings: LoraSettings):
@@ -198,6 +203,15 @@ class LoraLinear(MegatronModule):
             self._mark(adapter)
         positions = torch.cat([adapter.positions for adapter in self.adapters.values()])
         self.register_buffer("positions", positions, persistent=False)
+        self._register_state_dict_hook(_base_keys_unwrapped)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept the base layer's keys as the un-adapted model names them (``<prefix>weight``)."""
+        for key in list(state_dict):
+            rest = key[len(prefix):]
+            if key.startswith(prefix) and not rest.startswith(("base_layer.", "adapters.")):
+                state_dict[f"{prefix}base_layer.{rest}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -217,6 +231,37 @@ class LoraLinear(MegatronModule):
             seq_partial = (kind == "lora_A") if self.column_parallel else (kind != "lora_A")
             if self.sequence_parallel and seq_partial:
                 param.sequence_parallel = True
+
+    # --- distributed checkpoints -------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """The base layer's sharded tensors under its own keys (as without adapters, so a checkpoint of
+        the base model loads into the wrapped one's base), plus ``adapters.<projection>.<kind>``.
+
+        Adapter tensors are stored in HF order (layout independent) when this rank holds one block of
+        rows (columns) per rank, as for separate q/k/v or gate/up projections; an HF-fused
+        projection (``qkv_proj``, ``c_attn``, ``gate_up_proj``) split over TP holds several blocks,
+        and is stored per tensor-parallel size (its key ends in ``.tp<N>``), so it resumes at the same
+        TP size and a checkpoint of another TP size fails to load rather than load wrong.
+        """
+        from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+
+        sharded = self.base_layer.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
+                                                     metadata=metadata)
+        tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        for name, adapter in self.adapters.items():
+            for kind, param in adapter.named_adapter_tensors():
+                key = f"{prefix}adapters.{name}.{kind}"
+                if kind not in adapter.split_kinds or tp_size == 1:
+                    sharded[key] = make_sharded_tensor_for_checkpoint(param, key, prepend_offsets=sharded_offsets)
+                    continue
+                axis = 1 if kind == "lora_A" else 0
+                index = adapter.columns if kind == "lora_A" else adapter.rows
+                held = param.shape[axis]
+                one_block = torch.equal(index.cpu(), torch.arange(tp_rank * held, (tp_rank + 1) * held))
+                checkpoint_key = key if one_block else f"{key}.tp{tp_size}"
+                sharded[key] = make_tp_sharded_tensor_for_checkpoint(param, checkpoint_key, tp_axis=axis,
+                                                                     prepend_offsets=sharded_offsets)
+        return sharded
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs):
@@ -310,6 +355,13 @@ class LoraLinear(MegatronModule):
             adapter.lora_B.copy_(adapter.local_part("lora_B", full_b))
             if adapter.lora_magnitude_vector is not None:
                 adapter.lora_magnitude_vector.copy_(self.weight_norm(adapter))
+
+
+def _base_keys_unwrapped(module, state_dict, prefix, local_metadata):
+    """``state_dict()`` names the base layer's tensors as the un-adapted model does."""
+    for key in [k for k in state_dict if k.startswith(f"{prefix}base_layer.")]:
+        state_dict[prefix + key[len(f"{prefix}base_layer."):]] = state_dict.pop(key)
+    return state_dict
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -80,6 +80,9 @@ def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: tor
     logits = chunk(input_ids, position_ids, None)
     logits = gather_from_tensor_model_parallel_region(logits)[..., : loss_weights.shape[-1]]
     (logits.float() * loss_weights).sum().backward()
+    for param in chunk.parameters():  # what Megatron's finalize_model_grads does under sequence parallelism
+        if param.grad is not None and getattr(param, "sequence_parallel", False):
+            torch.distributed.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
     base_grads = [name for name, p in chunk.named_parameters() if p.grad is not None and ".adapters." not in name]
     saved = {}
     for _, layer in adapter_layers(model):

@@ -79,8 +79,11 @@ def check(result: dict, reference: dict, input_ids: torch.Tensor, *, receives: b
     source = load_file(f"{reference['adapter']}/adapter_model.safetensors")
     assert sorted(result["exported"]) == sorted(source)
     assert all(torch.equal(result["exported"][name], tensor) for name, tensor in source.items())
-    merged = result["merged"]
-    assert sorted(merged) == sorted(n for n in reference["merged"] if n in merged)
+    # transformers may hold MoE experts fused where the checkpoint has them per expert: compare the
+    # names both have, which include every adapted weight
+    merged = {name: t for name, t in result["merged"].items() if name in reference["merged"]}
+    adapted = {parse_peft_name(name)[0] + ".weight" for name in source}
+    assert adapted <= set(merged)
     assert all(torch.equal(tensor, reference["merged"][name]) for name, tensor in merged.items())
     base = transformers.AutoModelForCausalLM.from_pretrained(reference["checkpoint"], attn_implementation="eager")
     again = peft.PeftModel.from_pretrained(base, result["saved"]).eval()
@@ -143,6 +146,6 @@ def test_peft_names():
 def test_merge_adapter_conv1d_layout():
     """A Conv1D weight [in, out] merges with the transposed delta."""
     generator = torch.Generator().manual_seed(0)
-    weight, a, b = (torch.randn(shape, generator=generator) for shape in ((6, 4), (2, 6), (4, 2)))
+    weight, a, b = (torch.randn(shape, generator=generator) for shape in ((4, 6), (2, 6), (4, 2)))
     merged = merge_adapter(weight.T.contiguous(), a, b, 0.5, fan_in_fan_out=True)
     assert torch.equal(merged.T, merge_adapter(weight, a, b, 0.5, fan_in_fan_out=False))
