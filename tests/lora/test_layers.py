@@ -88,3 +88,65 @@ def test_distributed_checkpoint_keeps_base_keys_and_round_trips_adapters(tmp_pat
     restored = dict(bridge.export_adapter_weights(other))
     assert sorted(restored) == sorted(saved) and all(torch.equal(restored[n], saved[n]) for n in saved)
     ps.destroy_model_parallel()
+
+
+class FixedMask(torch.nn.Module):
+    """A dropout stand-in with one fixed mask, so two implementations drop the same elements."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_dora_while_training_with_dropout_matches_peft(tmp_path, monkeypatch):
+    """DoRA's training path (base result recomputed on the dropped-out input) against PEFT's
+    ``lora.Linear``, for a column-parallel part of ``linear_qkv`` and the row-parallel ``linear_proj``."""
+    import peft
+    from factories import make_checkpoint
+    from megatron.core import parallel_state as ps
+
+    from lightning_bridge import AutoBridge
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bridge = AutoBridge.from_hf_pretrained(make_checkpoint("llama", tmp_path / "llama"), torch_dtype=torch.float32)
+    model = bridge.to_megatron_model(show_progress=False)
+    bridge.apply_lora(model, peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True,
+                                             target_modules=["k_proj", "o_proj"], init_lora_weights=False))
+    attention = model[0].decoder.layers[0].self_attention
+    generator = torch.Generator().manual_seed(0)
+    for layer, name in ((attention.linear_qkv, "k_proj"), (attention.linear_proj, "o_proj")):
+        adapter = layer.adapters[name]
+        rows, positions = adapter.rows, adapter.positions
+        base = torch.nn.Linear(adapter.in_features, adapter.out_features, bias=False)
+        with torch.no_grad():
+            base.weight[rows] = layer.base_layer.weight[positions]
+        holder = torch.nn.Module()
+        holder.proj = base
+        reference = peft.get_peft_model(holder, peft.LoraConfig(
+            r=2, lora_alpha=4, lora_dropout=0.5, use_dora=True, target_modules=["proj"])).base_model.model.proj
+        with torch.no_grad():
+            reference.lora_A["default"].weight.copy_(adapter.lora_A)
+            reference.lora_B["default"].weight[rows] = adapter.lora_B
+            reference.lora_magnitude_vector["default"].weight[rows] = adapter.lora_magnitude_vector
+        mask = (torch.rand(5, 2, adapter.in_features, generator=generator) > 0.5).float() * 2
+        adapter.dropout = reference.lora_dropout["default"] = FixedMask(mask)
+        layer.train()
+        reference.train()
+        x = torch.randn(5, 2, adapter.in_features, generator=generator)
+        ours_x, theirs_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours = layer(ours_x)[0][..., positions]
+        theirs = reference(theirs_x)[..., rows]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        weights = torch.randn(ours.shape, generator=generator)
+        (ours * weights).sum().backward()
+        (theirs * weights).sum().backward()
+        torch.testing.assert_close(ours_x.grad, theirs_x.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.lora_A.grad, reference.lora_A["default"].weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.lora_B.grad, reference.lora_B["default"].weight.grad[rows],
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.lora_magnitude_vector.grad,
+                                   reference.lora_magnitude_vector["default"].weight.grad[rows], rtol=1e-5, atol=1e-6)
+    ps.destroy_model_parallel()
