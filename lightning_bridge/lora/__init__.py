@@ -27,11 +27,13 @@ from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.lora.adapters import (
     AdapterPlan,
     export_adapter_weights,
+    fuse_adapters,
     load_adapter_weights,
     merge_adapter,
     merged_hf_weights,
     parse_peft_name,
     peft_name,
+    split_fused_adapter,
 )
 from lightning_bridge.lora.apply import adapter_layers, apply_lora
 from lightning_bridge.lora.config import LoraSettings, require_peft
@@ -39,8 +41,8 @@ from lightning_bridge.lora.layers import LoraLinear, ProjectionAdapter, projecti
 
 __all__ = [
     "AdapterPlan", "LoraLinear", "LoraSettings", "ProjectionAdapter", "adapter_layers", "apply_lora",
-    "export_adapter_weights", "load_adapter_weights", "lora_config_of", "merge_adapter", "merged_hf_weights",
-    "parse_peft_name", "peft_name", "projection_layouts", "require_peft",
+    "export_adapter_weights", "fuse_adapters", "load_adapter_weights", "lora_config_of", "merge_adapter",
+    "merged_hf_weights", "parse_peft_name", "peft_name", "projection_layouts", "require_peft", "split_fused_adapter",
 ]
 
 

@@ -187,6 +187,34 @@ def merge_adapter(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     return (dora_factor * (weight + delta)).to(weight.dtype)
 
 
+def split_fused_adapter(lora_A: torch.Tensor, lora_B: torch.Tensor, sizes: Sequence[int],
+                        magnitude: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+    """An adapter of an HF-fused module (``qkv_proj`` [q; k; v], ``gate_up_proj``) as one adapter per
+    part, exactly: ``A`` repeated, ``B`` (and the DoRA magnitude) split by rows ``sizes``. Each part
+    computes the same rows as the fused adapter, with the same ``r`` and scaling."""
+    parts = []
+    magnitudes = magnitude.split(list(sizes)) if magnitude is not None else [None] * len(sizes)
+    for rows, part_magnitude in zip(lora_B.split(list(sizes)), magnitudes):
+        part = {"lora_A": lora_A.clone(), "lora_B": rows.clone()}
+        if part_magnitude is not None:
+            part["lora_magnitude_vector"] = part_magnitude.clone()
+        parts.append(part)
+    return parts
+
+
+def fuse_adapters(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Adapters of separate modules (q, k, v) as one adapter of their fused module, exactly: the ``A``
+    matrices stacked along the rank, ``B`` block-diagonal, magnitudes concatenated. Its rank is the
+    sum of the parts'; give it the parts' scaling (``lora_alpha = scaling * rank``, or
+    ``scaling * sqrt(rank)`` with ``use_rslora``)."""
+    lora_A = torch.cat([part["lora_A"] for part in parts])
+    lora_B = torch.block_diag(*[part["lora_B"] for part in parts])
+    fused = {"lora_A": lora_A, "lora_B": lora_B}
+    if all("lora_magnitude_vector" in part for part in parts):
+        fused["lora_magnitude_vector"] = torch.cat([part["lora_magnitude_vector"] for part in parts])
+    return fused
+
+
 def _transpose(tensor: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
     return tensor.T if fan_in_fan_out else tensor
 

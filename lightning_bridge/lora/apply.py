@@ -15,7 +15,13 @@ import torch
 
 from lightning_bridge.conversion.context import ConversionContext
 from lightning_bridge.conversion.mappings import WeightMapping
-from lightning_bridge.conversion.parallel import RankLayout, global_name, is_expert_parameter, unwrap
+from lightning_bridge.conversion.parallel import (
+    RankLayout,
+    global_name,
+    is_adapter_parameter,
+    is_expert_parameter,
+    unwrap,
+)
 from lightning_bridge.conversion.registry import MappingRegistry
 from lightning_bridge.lora.config import ALL_LINEAR, LoraSettings
 from lightning_bridge.lora.layers import PARALLEL_LINEAR, LoraLinear, projection_layouts
@@ -68,7 +74,7 @@ def apply_lora(chunks: Sequence[torch.nn.Module], settings: LoraSettings, regist
         adapted.extend(hf_modules)
     for chunk in chunks:
         for name, param in chunk.named_parameters():
-            param.requires_grad_(".adapters." in name)
+            param.requires_grad_(is_adapter_parameter(name))
     return adapted
 
 

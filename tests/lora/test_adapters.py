@@ -14,7 +14,7 @@ from lora.lora_checks import CASES, FRESH, family_of, fresh_adapter, make_peft_a
 from processes import launch
 from safetensors.torch import load_file
 
-from lightning_bridge.lora import merge_adapter, parse_peft_name, peft_name
+from lightning_bridge.lora import fuse_adapters, merge_adapter, parse_peft_name, peft_name, split_fused_adapter
 from lightning_bridge.verify import relative_difference
 
 WORLD = 4
@@ -149,3 +149,19 @@ def test_merge_adapter_conv1d_layout():
     weight, a, b = (torch.randn(shape, generator=generator) for shape in ((4, 6), (2, 6), (4, 2)))
     merged = merge_adapter(weight.T.contiguous(), a, b, 0.5, fan_in_fan_out=True)
     assert torch.equal(merged.T, merge_adapter(weight, a, b, 0.5, fan_in_fan_out=False))
+
+
+def test_fused_adapters_split_and_fuse_exactly():
+    """A fused [q; k; v] adapter is per-projection adapters (A repeated, B split); separate ones are
+    a fused adapter of the summed rank (A stacked, B block-diagonal): the same rows either way."""
+    generator = torch.Generator().manual_seed(0)
+    a, b, m = torch.randn(4, 8, generator=generator), torch.randn(12, 4, generator=generator), torch.rand(12)
+    parts = split_fused_adapter(a, b, [6, 3, 3], magnitude=m)
+    assert all(torch.equal(part["lora_A"], a) for part in parts)
+    assert torch.equal(torch.cat([part["lora_B"] for part in parts]), b)
+    assert torch.equal(torch.cat([part["lora_magnitude_vector"] for part in parts]), m)
+    fused = fuse_adapters(parts)
+    assert fused["lora_A"].shape == (12, 8) and fused["lora_B"].shape == (12, 12)
+    assert torch.equal(fused["lora_magnitude_vector"], m)
+    torch.testing.assert_close(fused["lora_B"] @ fused["lora_A"], b @ a)
+    assert torch.equal(fused["lora_B"][6:9, 4:8], parts[1]["lora_B"]) and not fused["lora_B"][6:9, :4].any()
