@@ -296,9 +296,25 @@ class AutoBridge:
         chunks = _as_chunks(model)
         folder = Path(path)
         config = peft.LoraConfig.from_pretrained(str(folder))
-        if lora.lora_config_of(chunks) is None:
+        settings = lora.LoraSettings.from_lora_config(config)
+        applied = lora.lora_config_of(chunks)
+        if applied is None:
             self.apply_lora(chunks, config, seed=seed)
+        else:
+            ours = lora.LoraSettings.from_lora_config(applied)
+            differ = [f"{field}: model {getattr(ours, field)!r}, adapter {getattr(settings, field)!r}"
+                      for field in ("r", "scaling", "use_dora") if getattr(ours, field) != getattr(settings, field)]
+            if differ:
+                raise ValueError(f"The adapter in {folder} does not fit this model's LoRA adapters ({'; '.join(differ)}). "
+                                 "Load it into a model without adapters (they are added from its adapter_config.json).")
+            settings = ours
         tensors = load_file(str(folder / "adapter_model.safetensors"))
+        expected = lora.targeted_hf_modules(settings, self.mapping_registry(), self._model_bridge.wildcard_ranges())
+        found = {parsed[0] for parsed in map(lora.parse_peft_name, tensors) if parsed is not None}
+        if found != expected:
+            raise ValueError(f"The adapter in {folder} has modules {sorted(found - expected)[:4]} this model does not "
+                             f"adapt and lacks {sorted(expected - found)[:4]} it does: its target_modules differ from "
+                             "the model's LoRA config.")
         return lora.load_adapter_weights(chunks, tensors)
 
     def _adapters_fan_in_fan_out(self, chunks: list[torch.nn.Module], config: Any) -> bool:

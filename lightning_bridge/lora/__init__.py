@@ -35,7 +35,7 @@ from lightning_bridge.lora.adapters import (
     peft_name,
     split_fused_adapter,
 )
-from lightning_bridge.lora.apply import adapter_layers, apply_lora
+from lightning_bridge.lora.apply import adapter_layers, apply_lora, targeted_hf_modules
 from lightning_bridge.lora.config import LoraSettings, require_peft
 from lightning_bridge.lora.layers import LoraLinear, ProjectionAdapter, projection_layouts
 
@@ -43,6 +43,7 @@ __all__ = [
     "AdapterPlan", "LoraLinear", "LoraSettings", "ProjectionAdapter", "adapter_layers", "apply_lora",
     "export_adapter_weights", "fuse_adapters", "load_adapter_weights", "lora_config_of", "merge_adapter",
     "merged_hf_weights", "parse_peft_name", "peft_name", "projection_layouts", "require_peft", "split_fused_adapter",
+    "targeted_hf_modules",
 ]
 
 

@@ -165,3 +165,39 @@ def test_fused_adapters_split_and_fuse_exactly():
     assert torch.equal(fused["lora_magnitude_vector"], m)
     torch.testing.assert_close(fused["lora_B"] @ fused["lora_A"], b @ a)
     assert torch.equal(fused["lora_B"][6:9, 4:8], parts[1]["lora_B"]) and not fused["lora_B"][6:9, :4].any()
+
+
+def test_an_adapter_must_fit_the_model_s_adapters(references):
+    from lightning_bridge import AutoBridge
+    from megatron.core import parallel_state as ps
+
+    _, _, _, cases = references
+    bridge = AutoBridge.from_hf_pretrained(cases["llama"]["checkpoint"], torch_dtype=torch.float32)
+    model = bridge.to_megatron_model(show_progress=False)
+    bridge.apply_lora(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="has modules .* this model does not adapt"):
+        bridge.load_hf_adapter(model, cases["llama"]["adapter"])  # all-linear
+    with pytest.raises(ValueError, match="use_dora: model False, adapter True"):
+        bridge.load_hf_adapter(model, cases["llama-dora"]["adapter"])
+    ps.destroy_model_parallel()
+
+
+def test_bf16_model_trains_and_saves_bf16_adapters(references, tmp_path):
+    from lightning_bridge import AutoBridge
+    from megatron.core import parallel_state as ps
+
+    _, input_ids, _, cases = references
+    bridge = AutoBridge.from_hf_pretrained(cases["phi3"]["checkpoint"], torch_dtype=torch.bfloat16)
+    model = bridge.to_megatron_model(show_progress=False)
+    bridge.load_hf_adapter(model, cases["phi3"]["adapter"])
+    (chunk,) = model
+    logits = chunk(input_ids, torch.arange(16).expand(2, 16), None)
+    logits.float().sum().backward()
+    trainable = [p for p in chunk.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.bfloat16 and p.grad is not None for p in trainable)
+    bridge.save_hf_adapter(model, tmp_path / "bf16")
+    saved = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    source = load_file(f"{cases['phi3']['adapter']}/adapter_model.safetensors")
+    assert sorted(saved) == sorted(source)
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, source[n].to(torch.bfloat16)) for n, t in saved.items())
+    ps.destroy_model_parallel()
