@@ -8,6 +8,7 @@ import peft
 import torch
 import transformers
 from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from lightning_bridge import AutoBridge
@@ -70,20 +71,33 @@ def build(checkpoint: str, tp: int, pp: int, sequence_parallel: bool = False):
 
 
 def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: torch.Tensor) -> dict:
-    """Full adapter gradients (PEFT names) of ``sum(logits * loss_weights)`` at PP=1, on every rank:
-    each gradient is swapped into its parameter and exported like the adapter."""
-    (chunk,) = model
-    chunk.eval()  # no dropout (GPT-2 has some), as the PEFT reference
-    chunk.zero_grad()
+    """Full adapter gradients (PEFT names) of ``sum(logits * loss_weights)``, through Megatron's own
+    forward-backward schedule (any TP/PP layout), on every rank: each gradient is swapped into its
+    parameter and exported like the adapter."""
+    chunks = list(model)
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq).expand(batch, seq)
-    logits = chunk(input_ids, position_ids, None)
-    logits = gather_from_tensor_model_parallel_region(logits)[..., : loss_weights.shape[-1]]
-    (logits.float() * loss_weights).sum().backward()
-    for param in chunk.parameters():  # what Megatron's finalize_model_grads does under sequence parallelism
-        if param.grad is not None and getattr(param, "sequence_parallel", False):
-            torch.distributed.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
-    base_grads = [name for name, p in chunk.named_parameters() if p.grad is not None and ".adapters." not in name]
+    for chunk in chunks:
+        chunk.eval()  # no dropout (GPT-2 has some), as the PEFT reference
+        chunk.zero_grad()
+
+    def loss_func(logits):
+        logits = gather_from_tensor_model_parallel_region(logits)[..., : loss_weights.shape[-1]]
+        loss = (logits.float() * loss_weights).sum()
+        return loss, {"loss": loss.detach()}
+
+    def forward_step(data_iterator, chunk):
+        return chunk(next(data_iterator), position_ids, None), loss_func
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([input_ids]), model=chunks[0] if len(chunks) == 1
+        else chunks, num_microbatches=1, seq_length=seq, micro_batch_size=batch, forward_only=False)
+    for chunk in chunks:
+        for param in chunk.parameters():  # what finalize_model_grads does under sequence parallelism
+            if param.grad is not None and getattr(param, "sequence_parallel", False):
+                torch.distributed.all_reduce(param.grad, group=ps.get_tensor_model_parallel_group())
+    base_grads = [name for chunk in chunks for name, p in chunk.named_parameters()
+                  if p.grad is not None and ".adapters." not in name]
     saved = {}
     for _, layer in adapter_layers(model):
         for adapter in layer.adapters.values():
@@ -113,7 +127,7 @@ def fresh_adapter(checkpoint: str, tp: int, pp: int) -> dict:
 def run_layouts(cases: dict[str, tuple[str, str]], layouts, input_ids, loss_weights, out_dir: str) -> dict:
     """In each rank, for every layout (TP, PP, sequence parallel, cases) and case (checkpoint, PEFT
     adapter folder): logits with the adapter loaded, the adapter exported, the merged weights
-    exported, the adapter saved; gradients at PP=1."""
+    exported, the adapter saved; gradients through the forward-backward schedule."""
     results: dict = {}
     for tp, pp, sp, *only in layouts:
         for case, (checkpoint, adapter) in cases.items():
@@ -128,8 +142,7 @@ def run_layouts(cases: dict[str, tuple[str, str]], layouts, input_ids, loss_weig
             saved = Path(out_dir) / key
             bridge.save_hf_adapter(model, saved)
             result["saved"] = str(saved)
-            if pp == 1:
-                result.update(megatron_gradients(bridge, model, input_ids, loss_weights))
+            result.update(megatron_gradients(bridge, model, input_ids, loss_weights))
             results[key] = result
             ps.destroy_model_parallel()
     return results

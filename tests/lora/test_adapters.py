@@ -1,7 +1,7 @@
 """Tests for lightning_bridge.lora.adapters (and the bridge's adapter methods): PEFT adapters in and
 out of Megatron models, bitwise; logits and gradients against PEFT; merged weights against
 ``merge_and_unload()``; at TP=1 in this process and at TP=2 (with and without sequence
-parallelism), PP=2 and TP2 x PP2 on 4 gloo ranks (one launch)."""
+parallelism), PP=2 and TP2 x PP2 on 4 gloo ranks (one launch, a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _in_rank(folders, layouts, input_ids, loss_weights, out_dir):
 
 
 def check(result: dict, reference: dict, input_ids: torch.Tensor, *, receives: bool = True) -> None:
-    """Logits, gradients (PP=1), bitwise export, merged weights, and the saved folder in PEFT."""
+    """Logits, gradients, bitwise export, merged weights, and the saved folder in PEFT."""
     assert relative_difference(result["logits"], reference["logits"]) <= 1e-5
     if "grads" in result:
         assert set(result["grads"]) == set(reference["grads"])
