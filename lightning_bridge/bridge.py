@@ -214,7 +214,8 @@ class AutoBridge:
             raise ValueError("merge_adapters=True, but this model has no LoRA adapters (bridge.apply_lora).")
         plan = lora.AdapterPlan.compute(chunks)
         adapters = dict(lora.export_adapter_weights(chunks, mode="replicate", cpu=cpu, plan=plan))
-        yield from lora.merged_hf_weights(weights, adapters, plan, lora.LoraSettings.from_lora_config(config).scaling)
+        scaling = lora.LoraSettings.from_lora_config(config).scaling
+        yield from lora.merged_hf_weights(weights, adapters, plan, scaling)
 
     # --- LoRA / DoRA --------------------------------------------------------------------------
     def apply_lora(self, model: Sequence[torch.nn.Module] | torch.nn.Module, lora_config: Any,
@@ -305,11 +306,13 @@ class AutoBridge:
             differ = [f"{field}: model {getattr(ours, field)!r}, adapter {getattr(settings, field)!r}"
                       for field in ("r", "scaling", "use_dora") if getattr(ours, field) != getattr(settings, field)]
             if differ:
-                raise ValueError(f"The adapter in {folder} does not fit this model's LoRA adapters ({'; '.join(differ)}). "
-                                 "Load it into a model without adapters (they are added from its adapter_config.json).")
+                raise ValueError(f"The adapter in {folder} does not fit this model's LoRA adapters "
+                                 f"({'; '.join(differ)}). Load it into a model without adapters (they are added "
+                                 "from its adapter_config.json).")
             settings = ours
         tensors = load_file(str(folder / "adapter_model.safetensors"))
-        expected = lora.targeted_hf_modules(settings, self.mapping_registry(), self._model_bridge.wildcard_ranges())
+        expected = lora.targeted_hf_modules(settings, self.mapping_registry(),
+                                            self._model_bridge.wildcard_ranges())
         found = {parsed[0] for parsed in map(lora.parse_peft_name, tensors) if parsed is not None}
         if found != expected:
             raise ValueError(f"The adapter in {folder} has modules {sorted(found - expected)[:4]} this model does not "

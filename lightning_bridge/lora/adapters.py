@@ -59,7 +59,8 @@ class AdapterTensor:
 
 def local_adapters(chunks: Sequence[torch.nn.Module]) -> dict[str, ProjectionAdapter]:
     """HF module name -> this rank's :class:`ProjectionAdapter`."""
-    return {adapter.hf_module: adapter for _, layer in adapter_layers(chunks) for adapter in layer.adapters.values()}
+    return {adapter.hf_module: adapter
+            for _, layer in adapter_layers(chunks) for adapter in layer.adapters.values()}
 
 
 @dataclass(frozen=True)

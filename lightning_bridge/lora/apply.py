@@ -111,7 +111,8 @@ def check_targets(settings: LoraSettings, registry: MappingRegistry, wildcard_ra
                              f"modules are {names} (or 'all-linear').")
 
 
-def targeted_hf_modules(settings: LoraSettings, registry: MappingRegistry, wildcard_ranges: Sequence[int]) -> set[str]:
+def targeted_hf_modules(settings: LoraSettings, registry: MappingRegistry,
+                        wildcard_ranges: Sequence[int]) -> set[str]:
     """The HF modules of the whole model that ``settings`` adapt (no model needed, no collective)."""
     linear, _, _ = _hf_modules_by_kind(registry, wildcard_ranges)
     return {name for name in linear if settings.matches(name)}

@@ -170,8 +170,8 @@ class ProjectionAdapter(torch.nn.Module):
         for kind, param in self.named_adapter_tensors():
             part = self.local_part(kind, tensors[kind])
             if tuple(part.shape) != tuple(param.shape):
-                raise ValueError(f"{self.hf_module}.{kind}: the adapter tensor gives shape {tuple(part.shape)} here, "
-                                 f"the model expects {tuple(param.shape)}: check r and the base model.")
+                raise ValueError(f"{self.hf_module}.{kind}: the adapter tensor gives shape {tuple(part.shape)} "
+                                 f"here, the model expects {tuple(param.shape)}: check r and the base model.")
             param.copy_(part)
 
 
@@ -190,7 +190,8 @@ class LoraLinear(MegatronModule):
     def __init__(self, base_layer: torch.nn.Module, layouts: Sequence[ProjectionLayout], settings: LoraSettings):
         super().__init__(config=base_layer.config)
         if not isinstance(base_layer, PARALLEL_LINEAR):
-            raise TypeError(f"LoRA wraps ColumnParallelLinear or RowParallelLinear, not {type(base_layer).__name__}.")
+            raise TypeError("LoRA wraps ColumnParallelLinear or RowParallelLinear, not "
+                            f"{type(base_layer).__name__}.")
         self.base_layer = base_layer
         self.column_parallel = isinstance(base_layer, ColumnParallelLinear)
         self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))
@@ -243,7 +244,10 @@ class LoraLinear(MegatronModule):
         and is stored per tensor-parallel size (its key ends in ``.tp<N>``), so it resumes at the same
         TP size and a checkpoint of another TP size fails to load rather than load wrong.
         """
-        from megatron.core.utils import make_sharded_tensor_for_checkpoint, make_tp_sharded_tensor_for_checkpoint
+        from megatron.core.utils import (
+            make_sharded_tensor_for_checkpoint,
+            make_tp_sharded_tensor_for_checkpoint,
+        )
 
         sharded = self.base_layer.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
                                                      metadata=metadata)
