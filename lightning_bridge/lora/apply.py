@@ -52,6 +52,10 @@ def apply_lora(chunks: Sequence[torch.nn.Module], settings: LoraSettings, regist
     whole model's names (from the mapping table and ``wildcard_ranges``, the family's counts of
     layers and experts), so every pipeline stage agrees.
     """
+    if any(hasattr(chunk, "ddp_config") for chunk in chunks):
+        raise ValueError("Apply LoRA before wrapping the model in Megatron's DistributedDataParallel "
+                         "(build it with provider(wrap_with_ddp=False)): DDP sizes its gradient buffers for the "
+                         "parameters that require grad when it is built.")
     if any(isinstance(module, LoraLinear) for chunk in chunks for module in unwrap(chunk).modules()):
         raise ValueError("This model already has LoRA adapters; build a fresh model to apply another config.")
     check_targets(settings, registry, wildcard_ranges)

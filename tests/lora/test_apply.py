@@ -94,3 +94,11 @@ def test_accepted_targets():
     targets("qwen3-moe", ["q_proj", "k_proj", "v_proj", "o_proj"])
     targets("llama", "all-linear")
     targets("llama", r".*\.1\.self_attn\.(q|v)_proj")
+
+
+def test_lora_goes_on_before_ddp(llama):
+    bridge = AutoBridge.from_hf_pretrained(llama, torch_dtype=torch.float32)
+    model = bridge.to_megatron_model(wrap_with_ddp=True, show_progress=False)
+    with pytest.raises(ValueError, match=r"before wrapping the model in Megatron's DistributedDataParallel"):
+        bridge.apply_lora(model, peft.LoraConfig(target_modules=["q_proj"]))
+    ps.destroy_model_parallel()
