@@ -102,3 +102,43 @@ def test_lora_goes_on_before_ddp(llama):
     with pytest.raises(ValueError, match=r"before wrapping the model in Megatron's DistributedDataParallel"):
         bridge.apply_lora(model, peft.LoraConfig(target_modules=["q_proj"]))
     ps.destroy_model_parallel()
+
+
+def test_a_training_step_moves_only_the_adapters(llama):
+    """Megatron's DDP and distributed optimizer built after apply_lora hold only adapter parameters;
+    one step changes them and leaves every base weight bit for bit."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig
+
+    from lightning_bridge.optim import megatron_optimizer
+
+    bridge = AutoBridge.from_hf_pretrained(llama, torch_dtype=torch.float32)
+    model = bridge.to_megatron_model(show_progress=False)
+    bridge.apply_lora(model, peft.LoraConfig(r=2, target_modules="all-linear", use_dora=True))
+    provider = model[0].config
+    ddp = [DistributedDataParallel(config=provider, module=model[0], ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=True))]
+    optimizer = megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True,
+                                                   bf16=False, params_dtype=torch.float32), ddp)
+    before = {name: param.detach().clone() for name, param in model[0].named_parameters()}
+    trainable = {name for name, param in model[0].named_parameters() if param.requires_grad}
+    assert trainable and all(".adapters." in name for name in trainable)
+    buffered = {param for buffer in ddp[0].buffers for param in buffer.params}
+    assert buffered == {param for name, param in model[0].named_parameters() if name in trainable}
+    ddp[0].zero_grad_buffer()
+    optimizer.zero_grad()
+    input_ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = ddp[0](input_ids, torch.arange(16).expand(2, 16), None)
+    logits.float().pow(2).mean().backward()
+    finalize_model_grads(ddp)
+    assert optimizer.step()[0]
+    after = {name: param.detach() for name, param in model[0].named_parameters()}
+    assert all(torch.equal(after[name], before[name]) for name in before if name not in trainable)
+    # B starts at zero (so A gets no gradient yet): B and the magnitudes learn
+    assert all(not torch.equal(after[name], before[name]) for name in trainable
+               if name.endswith(("lora_B", "lora_magnitude_vector")))
+    ps.destroy_model_parallel()
