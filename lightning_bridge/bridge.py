@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig, PretrainedConfig
 
-from lightning_bridge import families
+from lightning_bridge import families, lora
 from lightning_bridge.conversion.context import ConversionContext
 from lightning_bridge.conversion.exporting import ExportMode, ExportPlan, export_hf_weights
-from lightning_bridge.conversion.parallel import RankLayout
+from lightning_bridge.conversion.parallel import RankLayout, unwrap
 from lightning_bridge.conversion.loading import check_checkpoint_names, load_hf_weights
 from lightning_bridge.families.base import ModelBridge
 from lightning_bridge.hf_io import HFCheckpointReader, ShardedSafetensorsWriter, TensorSpec, plan_shards
@@ -180,22 +180,149 @@ class AutoBridge:
     def export_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
                           order: Literal["safetensors"] | None = "safetensors", cpu: bool = True,
                           mode: ExportMode = "consolidate", show_progress: bool = False,
-                          dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(hf_name, tensor)``, a few tensors at a time. Every rank must drain it."""
+                          dtype: torch.dtype | None = None,
+                          merge_adapters: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, tensor)``, a few tensors at a time. Every rank must drain it.
+
+        ``merge_adapters=True``: the weights of LoRA-adapted layers come with their adapters merged,
+        as PEFT's ``merge_and_unload()`` computes them (see :meth:`apply_lora`)."""
         chunks = _as_chunks(model)
         hf_order = self.source.tensor_order() if order == "safetensors" else None
-        return export_hf_weights(
+        weights = export_hf_weights(
             chunks, self.mapping_registry(), self._context(_provider_of(chunks)), mode=mode,
             hf_order=hf_order, keep_tied=self._kept_tied(), dtypes=self._export_dtypes(chunks, dtype), cpu=cpu,
             show_progress=show_progress, plan=self.export_plan(chunks) if order == "safetensors" else None,
         )
+        if not merge_adapters:
+            return weights
+        return self._merged(chunks, weights, cpu)
+
+    def _merged(self, chunks: list[torch.nn.Module], weights: Iterator[tuple[str, torch.Tensor]],
+                cpu: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        config = lora.lora_config_of(chunks)
+        if config is None:
+            raise ValueError("merge_adapters=True, but this model has no LoRA adapters (bridge.apply_lora).")
+        plan = lora.AdapterPlan.compute(chunks)
+        adapters = dict(lora.export_adapter_weights(chunks, mode="replicate", cpu=cpu, plan=plan))
+        scaling = lora.LoraSettings.from_lora_config(config).scaling
+        yield from lora.merged_hf_weights(weights, adapters, plan, scaling)
+
+    # --- LoRA / DoRA --------------------------------------------------------------------------
+    def apply_lora(self, model: Sequence[torch.nn.Module] | torch.nn.Module, lora_config: Any,
+                   seed: int | None = None) -> list[str]:
+        """Add LoRA/DoRA adapters from a ``peft.LoraConfig`` to this rank's chunks; freeze the rest.
+
+        ``target_modules`` names HF modules (``q_proj``, ``c_attn``, ``qkv_proj``, ``"all-linear"``);
+        a fused Megatron layer gets one adapter per targeted HF projection. Call it after the base
+        weights are loaded (DoRA's magnitudes start from them) and before wrapping in Megatron's DDP
+        (``provider(wrap_with_ddp=False)``), so DDP and the optimizer see only adapter parameters.
+        The initial adapter is the same at every layout (drawn from ``seed``, default the provider's
+        ``seed``). Returns the HF modules adapted on this rank. See ``docs/lora.md``.
+        """
+        chunks = _as_chunks(model)
+        provider = _provider_of(chunks)
+        settings = lora.LoraSettings.from_lora_config(lora_config)
+        adapted = lora.apply_lora(chunks, settings, self.mapping_registry(), self._context(provider),
+                                  self._model_bridge.wildcard_ranges(), seed=provider.seed if seed is None else seed)
+        for chunk in chunks:
+            unwrap(chunk).lora_config = copy.deepcopy(lora_config)
+        return adapted
+
+    def export_adapter_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, cpu: bool = True,
+                               mode: Literal["consolidate", "replicate"] = "consolidate",
+                               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield the adapters' ``(PEFT name, full tensor)`` (``base_model.model.<module>.lora_A.weight``,
+        ``...lora_B.weight``, DoRA's ``...lora_magnitude_vector``) on global rank 0, or on every rank
+        with ``mode="replicate"``. Every rank must drain it."""
+        return lora.export_adapter_weights(_as_chunks(model), mode=mode, cpu=cpu, dtype=dtype)
+
+    def adapter_config(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> Any:
+        """The ``peft.LoraConfig`` to save beside the adapters: the one applied, with
+        ``base_model_name_or_path`` (the bridge's source) and ``fan_in_fan_out`` (from the weights)."""
+        chunks = _as_chunks(model)
+        config = lora.lora_config_of(chunks)
+        if config is None:
+            raise ValueError("This model has no LoRA adapters: call bridge.apply_lora(model, lora_config) first.")
+        config = copy.deepcopy(config)
+        config.base_model_name_or_path = self.source.name
+        config.fan_in_fan_out = self._adapters_fan_in_fan_out(chunks, config)
+        return config
+
+    def save_hf_adapter(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
+                        overwrite: bool = True, dtype: torch.dtype | None = None) -> Path:
+        """Write a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) that
+        ``PeftModel.from_pretrained(base, path)`` loads; atomically, from global rank 0. Collective."""
+        from safetensors.torch import save_file
+
+        from lightning_bridge.publish import make_staging_folder, publish_folder, run_on_rank_zero
+
+        chunks = _as_chunks(model)
+        config = self.adapter_config(chunks)
+        tensors = dict(self.export_adapter_weights(chunks, mode="consolidate", dtype=dtype))
+        path = Path(path)
+
+        def check() -> None:
+            if path.exists() and not overwrite:
+                raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another folder.")
+
+        staging = make_staging_folder(path, check, what=f"Saving the LoRA adapter to {path}")
+
+        def write() -> None:
+            save_file(tensors, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+            config.save_pretrained(str(staging))
+            publish_folder(staging, path, overwrite=overwrite)
+
+        run_on_rank_zero(write, f"Saving the LoRA adapter to {path}", target=path)
+        return path
+
+    def load_hf_adapter(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
+                        seed: int | None = None) -> list[str]:
+        """Load a PEFT adapter folder into the chunks, bitwise, each rank its own part (no collectives
+        beyond :meth:`apply_lora`'s none). A model without adapters gets them from the folder's
+        ``adapter_config.json`` first; one with adapters must have the same targets. Returns the HF
+        modules loaded on this rank."""
+        from safetensors.torch import load_file
+
+        peft = lora.require_peft()
+        chunks = _as_chunks(model)
+        folder = Path(path)
+        config = peft.LoraConfig.from_pretrained(str(folder))
+        settings = lora.LoraSettings.from_lora_config(config)
+        applied = lora.lora_config_of(chunks)
+        if applied is None:
+            self.apply_lora(chunks, config, seed=seed)
+        else:
+            ours = lora.LoraSettings.from_lora_config(applied)
+            differ = [f"{field}: model {getattr(ours, field)!r}, adapter {getattr(settings, field)!r}"
+                      for field in ("r", "scaling", "use_dora") if getattr(ours, field) != getattr(settings, field)]
+            if differ:
+                raise ValueError(f"The adapter in {folder} does not fit this model's LoRA adapters "
+                                 f"({'; '.join(differ)}). Load it into a model without adapters (they are added "
+                                 "from its adapter_config.json).")
+            settings = ours
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        expected = lora.targeted_hf_modules(settings, self.mapping_registry(),
+                                            self._model_bridge.wildcard_ranges())
+        found = {parsed[0] for parsed in map(lora.parse_peft_name, tensors) if parsed is not None}
+        if found != expected:
+            raise ValueError(f"The adapter in {folder} has modules {sorted(found - expected)[:4]} this model does not "
+                             f"adapt and lacks {sorted(expected - found)[:4]} it does: its target_modules differ from "
+                             "the model's LoRA config.")
+        return lora.load_adapter_weights(chunks, tensors)
+
+    def _adapters_fan_in_fan_out(self, chunks: list[torch.nn.Module], config: Any) -> bool:
+        """Whether the adapted HF weights are stored [in, out] (``Conv1D``): from the mapping table."""
+        plan = lora.AdapterPlan.compute(chunks)
+        return any(task.fan_in_fan_out for task in plan.tensors)
 
     def save_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
                         show_progress: bool = True, max_shard_size: int = 5 * 2**30,
                         dtype: torch.dtype | None = None, overwrite: bool = True,
                         extra_files: dict[str, str | bytes] | None = None,
-                        copy_files: Sequence[Path] = ()) -> Path:
-        """Write sharded safetensors + index, shard by shard, atomically (global rank 0 writes)."""
+                        copy_files: Sequence[Path] = (), merge_adapters: bool = False) -> Path:
+        """Write sharded safetensors + index, shard by shard, atomically (global rank 0 writes).
+
+        ``merge_adapters=True`` writes the LoRA adapters merged into the weights."""
         chunks = _as_chunks(model)
         specs = self.hf_tensor_specs(chunks, dtype=dtype)
         shard_plan = plan_shards(specs, max_shard_size=max_shard_size, source_weight_map=self.source_weight_map())
@@ -210,7 +337,8 @@ class AutoBridge:
                     raise
                 error = exc  # raised below on every rank, after the export's collectives
         try:
-            for name, tensor in self.export_hf_weights(chunks, dtype=dtype, mode="consolidate"):
+            for name, tensor in self.export_hf_weights(chunks, dtype=dtype, mode="consolidate",
+                                                       merge_adapters=merge_adapters):
                 if writer is not None and error is None:
                     try:
                         writer.add(name, tensor)

@@ -22,6 +22,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# Trainable adapters (LoRA, :mod:`lightning_bridge.lora`) live under this name segment; they are no
+# part of the HF checkpoint, so conversion leaves them out.
+ADAPTER_SEGMENT = ".adapters."
 _LOCAL_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 
 
@@ -42,9 +45,11 @@ def global_named_parameters(chunk: torch.nn.Module) -> Iterator[tuple[str, torch
 def global_named_weights(chunk: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """(global name, tensor) of every weight a checkpoint holds: the parameters, then the persistent
     buffers (a router's expert bias, which HF stores as ``e_score_correction_bias``). What
-    conversion loads and exports."""
+    conversion loads and exports; adapter parameters (:func:`is_adapter_parameter`) are left out."""
     model = unwrap(chunk)
-    yield from global_named_parameters(model)
+    for name, param in global_named_parameters(model):
+        if not is_adapter_parameter(name):
+            yield name, param
     state = model.state_dict(keep_vars=True)
     for name, buffer in model.named_buffers():
         if name in state:  # persistent: part of the model's state
@@ -64,6 +69,11 @@ def global_name(model: torch.nn.Module, name: str) -> str:
         global_expert = layer.mlp.local_expert_indices[int(expert.group(1))]
         name = f"{name[:expert.start()]}.mlp.experts.local_experts.{global_expert}.{name[expert.end():]}"
     return name
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a Megatron parameter belongs to a trainable adapter (not to the HF checkpoint)."""
+    return ADAPTER_SEGMENT in name
 
 
 def is_expert_parameter(name: str) -> bool:

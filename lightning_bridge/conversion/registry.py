@@ -15,6 +15,9 @@ TE_NAME_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
     "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
+# A layer wrapped by an adapter (LoRA, :mod:`lightning_bridge.lora`) keeps the original module as
+# ``base_layer``; its weights convert as the original's.
+WRAPPED_SEGMENT = ".base_layer."
 
 
 class MappingRegistry:
@@ -73,7 +76,9 @@ class MappingRegistry:
 
 
 def canonical_megatron_name(name: str) -> str:
-    """The local-spec spelling of a Megatron parameter name (TE names are translated)."""
+    """The local-spec spelling of a Megatron parameter name (TE names are translated, an adapter
+    wrapper's ``base_layer`` seen through)."""
+    name = name.replace(WRAPPED_SEGMENT, ".")
     for te_suffix, local_suffix in TE_NAME_ALIASES.items():
         if name.endswith(te_suffix):
             return name[: -len(te_suffix)] + local_suffix

@@ -54,6 +54,9 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
 
     The output bias, if any, is added before the norm, so the layer returns no separate bias.
     The norm's weight is the same on every tensor-parallel rank (``post_layernorm.weight``).
+
+    ``forward`` is ``finish_output(*linear_forward(input_))``: an adapter wrapping the layer
+    (:class:`lightning_bridge.lora.LoraLinear`) adds its output between the two, before the norm.
     """
 
     def __init__(self, input_size: int, output_size: int, *, config: TransformerConfig,
@@ -63,7 +66,14 @@ class RowParallelLinearWithPostNorm(RowParallelLinear):
                                              eps=config.layernorm_epsilon)
 
     def forward(self, input_):
-        output, bias = super().forward(input_)
+        return self.finish_output(*self.linear_forward(input_))
+
+    def linear_forward(self, input_):
+        """The row-parallel linear part: (output, bias) in Megatron's convention."""
+        return super().forward(input_)
+
+    def finish_output(self, output, bias):
+        """The linear part's (output, bias) -> the layer's: bias added, then the post-norm."""
         if bias is not None:
             output = output + bias
         return self.post_layernorm(output), None
