@@ -79,6 +79,12 @@ class AutoBridge:
         self.attention_backend = attention_backend  # None: the provider's default ("auto")
 
     # --- construction ------------------------------------------------------------------------
+    @property
+    def _model_bridge(self) -> ModelBridge:
+        """The family's bridge under the name Megatron Bridge's users know: ``bridge._model_bridge``
+        (``bridge._model_bridge.mapping_registry().get_all_mappings()``); the same as ``model_bridge``."""
+        return self.model_bridge
+
     @classmethod
     def from_hf_pretrained(cls, path_or_id: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
                            trust_remote_code: bool = False, revision: str | None = None,
@@ -223,7 +229,7 @@ class AutoBridge:
         provider = _provider_of(chunks)
         settings = lora.LoraSettings.from_lora_config(lora_config)
         adapted = lora.apply_lora(chunks, settings, self.mapping_registry(), self._context(provider),
-                                  self._model_bridge.wildcard_ranges(), seed=provider.seed if seed is None else seed)
+                                  self.model_bridge.wildcard_ranges(), seed=provider.seed if seed is None else seed)
         for chunk in chunks:
             unwrap(chunk).lora_config = copy.deepcopy(lora_config)
         return adapted
@@ -302,7 +308,7 @@ class AutoBridge:
             settings = ours
         tensors = load_file(str(folder / "adapter_model.safetensors"))
         expected = lora.targeted_hf_modules(settings, self.mapping_registry(),
-                                            self._model_bridge.wildcard_ranges())
+                                            self.model_bridge.wildcard_ranges())
         found = {parsed[0] for parsed in map(lora.parse_peft_name, tensors) if parsed is not None}
         if found != expected:
             raise ValueError(f"The adapter in {folder} has modules {sorted(found - expected)[:4]} this model does not "

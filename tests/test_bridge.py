@@ -186,6 +186,8 @@ def test_mapping_registry_is_readable(source):
     assert any(line.strip() == "gated-mlp: decoder.layers.*.mlp.linear_fc1.weight <- "
                "model.layers.*.mlp.gate_proj.weight, model.layers.*.mlp.up_proj.weight" for line in lines)
     assert {m.kind for m in mappings} == {"vocab", "replicated", "qkv", "row", "gated-mlp"}
+    assert bridge._model_bridge is bridge.model_bridge  # the name Megatron Bridge's users know
+    assert [str(m) for m in bridge._model_bridge.mapping_registry().get_all_mappings()] == lines
 
 
 def test_provider_fields_can_be_changed_before_building(source):
