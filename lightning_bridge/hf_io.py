@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's adapter file
+UNINDEXED_FILES = {SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME}  # alone in a folder, they need no index
 PT_WEIGHTS_NAME = "pytorch_model.bin"
 PT_WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 
@@ -462,7 +464,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"Cannot finalize {self.final_dir}: {len(missing)} planned tensors were never "
                              f"added: {shown}. Add them, or abort().")
         try:
-            if len(self.plan) > 1 or (self.plan and SAFE_WEIGHTS_NAME not in self.plan):
+            if len(self.plan) > 1 or (self.plan and not set(self.plan) & UNINDEXED_FILES):
                 index = {"metadata": {"total_size": self._total_size},
                          "weight_map": dict(sorted(self._owner.items()))}
                 (self.tmp_dir / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

@@ -272,7 +272,7 @@ class GPTModelProvider(TransformerConfig):
 
             chunks = [Float16Module(self, chunk) for chunk in chunks]
         if wrap_with_ddp:
-            chunks = self._wrap_with_ddp(chunks, ddp_config)
+            chunks = self.wrap_with_ddp(chunks, ddp_config)
         return chunks
 
     def loader_fills_every_parameter(self, load_weights: bool = True) -> bool:
@@ -345,7 +345,7 @@ class GPTModelProvider(TransformerConfig):
                 "tensor_model_parallel_size."
             )
 
-    def _wrap_with_ddp(self, chunks: list[torch.nn.Module], ddp_config: Any) -> list[torch.nn.Module]:
+    def wrap_with_ddp(self, chunks: list[torch.nn.Module], ddp_config: Any) -> list[torch.nn.Module]:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp_config = ddp_config or DistributedDataParallelConfig(

@@ -83,7 +83,8 @@ from lightning_bridge.callbacks.checkpoint_writer import (
     distribute_plan,
     on_gpu,
 )
-from lightning_bridge.hf_io import cleanup_stale_temp_dirs, plan_shards
+from lightning_bridge.hf_io import ADAPTER_WEIGHTS_NAME, TensorSpec, cleanup_stale_temp_dirs, plan_shards
+from lightning_bridge.lora import ADAPTER_CONFIG_NAME, AdapterPlan, adapter_config_json, lora_config_of
 from lightning_bridge.publish import process_alive, staging_path, temp_token
 
 logger = logging.getLogger(__name__)
@@ -108,13 +109,17 @@ class HFCheckpoint(pl.Callback):
         staging_budget_bytes: how far (bytes of staged tensors) training may run ahead of the disk;
             None for the default described in the module docstring.
         show_progress: a progress bar per save (on the ranks that write).
+        merge_adapters: for a model trained with LoRA/DoRA adapters (``MegatronBridgeStrategy(peft=...)``):
+            False (the default) saves each checkpoint as a PEFT adapter folder (``adapter_config.json``
+            and ``adapter_model.safetensors``, for ``PeftModel.from_pretrained(base, folder)``); True
+            saves full HF weights with the adapters merged (as PEFT's ``merge_and_unload()``).
     """
 
     def __init__(self, dirpath: str | os.PathLike = "hf-checkpoints", every_n_train_steps: int | None = 500,
                  every_n_epochs: int | None = None, save_last: bool = True, keep_last_k: int | None = 3,
                  mode: SaveMode = "consolidate", dtype: torch.dtype | None = None,
                  max_shard_size: int = 5 * 2**30, staging_budget_bytes: int | None = None,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, merge_adapters: bool = False) -> None:
         if mode not in ("consolidate", "distribute"):
             raise ValueError(f"mode={mode!r}: HFCheckpoint supports 'consolidate' and 'distribute'.")
         for name, value in (("every_n_train_steps", every_n_train_steps), ("every_n_epochs", every_n_epochs)):
@@ -131,6 +136,7 @@ class HFCheckpoint(pl.Callback):
         self.mode, self.dtype = mode, dtype
         self.max_shard_size, self.staging_budget_bytes = max_shard_size, staging_budget_bytes
         self.show_progress = show_progress
+        self.merge_adapters = merge_adapters
         self.save_stats: list[dict[str, Any]] = []
         self._saved_steps: set[int] = set()
         self._pending: SaveJob | None = None
@@ -236,8 +242,7 @@ class HFCheckpoint(pl.Callback):
         job.start()
         self._pending = job
         try:
-            for name, tensor in bridge.export_hf_weights(chunks, cpu=not on_gpu(chunks), mode=self.mode,
-                                                         dtype=self.dtype):
+            for name, tensor in self._export(bridge, chunks):
                 job.put(name, tensor)
         except BaseException:
             job.close(abort=True)
@@ -245,6 +250,17 @@ class HFCheckpoint(pl.Callback):
         job.blocked_s = time.perf_counter() - start
         job.close()
         return True
+
+    def saves_adapters(self, chunks: Sequence[torch.nn.Module]) -> bool:
+        """Whether a save of ``chunks`` is a PEFT adapter folder (a LoRA model, ``merge_adapters=False``)."""
+        return not self.merge_adapters and lora_config_of(chunks) is not None
+
+    def _export(self, bridge: Any, chunks: list[torch.nn.Module]):
+        cpu = not on_gpu(chunks)
+        if self.saves_adapters(chunks):  # small: rank 0 receives them, whatever the mode
+            return bridge.export_adapter_weights(chunks, cpu=cpu, mode="consolidate", dtype=self.dtype)
+        return bridge.export_hf_weights(chunks, cpu=cpu, mode=self.mode, dtype=self.dtype,
+                                        merge_adapters=self.merge_adapters and lora_config_of(chunks) is not None)
 
     def wait(self) -> dict[str, Any] | None:
         """Wait until the save in flight is complete on every rank; raise its error. Collective."""
@@ -309,9 +325,15 @@ class HFCheckpoint(pl.Callback):
         key = (id(bridge), tuple(id(c) for c in chunks))
         if self._layout_key == key and self._layout is not None:
             return self._layout
+        rank = get_rank()
+        if self.saves_adapters(chunks):
+            layout = self._adapter_layout(bridge, chunks, rank)
+            layout.budget, layout.staged_all = self._budget(layout, chunks)
+            self._layout_key, self._layout = key, layout
+            self._pinned_pool.clear()
+            return layout
         plan = bridge.export_plan(chunks)  # the one collective of the planning, kept by the bridge
         specs = bridge.hf_tensor_specs(chunks, dtype=self.dtype)
-        rank = get_rank()
         if self.mode == "distribute":
             destination = plan.destinations()
             plan, owner = distribute_plan(specs, destination, self.max_shard_size)
@@ -331,6 +353,19 @@ class HFCheckpoint(pl.Callback):
         layout.budget, layout.staged_all = self._budget(layout, chunks)
         self._layout_key, self._layout = key, layout
         self._pinned_pool.clear()  # kept only while everything fits: see _pinned
+        return layout
+
+    def _adapter_layout(self, bridge: Any, chunks: list[torch.nn.Module], rank: int) -> Layout:
+        """One ``adapter_model.safetensors`` written by rank 0, beside ``adapter_config.json``."""
+        config = bridge.adapter_config(chunks)  # collective (the adapter plan)
+        specs = [TensorSpec(t.name, tuple(t.full_shape), self.dtype or t.dtype) for t in AdapterPlan.compute(chunks).tensors]
+        names = [s.name for s in specs]
+        nbytes = {s.name: s.nbytes for s in specs}
+        layout = Layout({ADAPTER_WEIGHTS_NAME: names}, {ADAPTER_WEIGHTS_NAME: 0}, names if rank == 0 else [],
+                        nbytes, {s.name: s.shape for s in specs}, {s.name: s.dtype for s in specs},
+                        sum(nbytes.values()))
+        if rank == 0:
+            layout.extra_files[ADAPTER_CONFIG_NAME] = adapter_config_json(config)
         return layout
 
     def _pinned(self, name: str, shape: torch.Size, dtype: torch.dtype, keep: bool) -> torch.Tensor:

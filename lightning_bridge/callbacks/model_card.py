@@ -22,7 +22,9 @@ itself, so a card always has its plot.
 from __future__ import annotations
 
 import io
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from xml.sax.saxutils import escape
 
 from lightning_bridge.sources import HFSource
 
-__all__ = ["LossPlot", "TrainingSummary", "base_model_for", "card_metadata", "nice_ticks", "render_loss_plot",
+__all__ = ["LossPlot", "TrainingSummary", "adapter_kind", "base_model_for", "card_metadata", "nice_ticks", "render_loss_plot",
            "render_loss_svg", "render_model_card"]
 
 DEFAULT_TAGS = ("lightning-bridge", "megatron-core")
@@ -57,6 +59,7 @@ class TrainingSummary:
     source_name: str | None = None  # a local folder's name, when the model did not come from the Hub
     model_type: str | None = None  # config.model_type, added to the tags
     architecture: str | None = None
+    adapter: str | None = None  # "LoRA" or "DoRA" when the repo holds a PEFT adapter, not full weights
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
@@ -65,6 +68,17 @@ class TrainingSummary:
 class LossPlot:
     filename: str  # "training_loss.png" or "training_loss.svg"
     data: bytes
+
+
+def adapter_kind(folder: str | os.PathLike | None) -> str | None:
+    """"LoRA" or "DoRA" when ``folder`` holds a PEFT adapter (its ``adapter_config.json``), else None."""
+    if folder is None:
+        return None
+    try:
+        config = json.loads((Path(folder) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return "DoRA" if config.get("use_dora") else "LoRA"
 
 
 def base_model_for(source: Any) -> tuple[str | None, str | None]:
@@ -95,9 +109,9 @@ def card_metadata(summary: TrainingSummary, tags: Sequence[str] = ()) -> dict[st
     meta: dict[str, Any] = {}
     if summary.base_model:
         meta["base_model"] = summary.base_model
-    meta["library_name"] = "transformers"
+    meta["library_name"] = "peft" if summary.adapter else "transformers"
     all_tags = list(DEFAULT_TAGS)
-    for tag in (summary.model_type, *tags):
+    for tag in (summary.model_type, summary.adapter and summary.adapter.lower(), *tags):
         if tag and tag not in all_tags:
             all_tags.append(tag)
     meta["tags"] = all_tags
@@ -118,14 +132,24 @@ def render_model_card(repo_id: str, summary: TrainingSummary, plot_filename: str
         origin = f" from the local checkpoint `{summary.source_name}`"
     else:
         origin = ""
+    exported = (f"a PEFT {summary.adapter} adapter" if summary.adapter
+                else "a Hugging Face Transformers checkpoint")
     lines = [f"---\n{front}---", "", f"# {name}", "",
              (f"This model was trained{origin} with lightning-bridge (Megatron-Core parallelism driven by a "
-              "Lightning Trainer) and exported as a Hugging Face Transformers checkpoint."), "",
+              f"Lightning Trainer) and exported as {exported}."), "",
              "## Training summary", "", "| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in _summary_rows(summary)]
     if plot_filename:
         lines += ["", "## Training loss", "", f"![Training loss per step]({plot_filename})"]
     revision_arg = f', revision="{revision}"' if revision and revision != "main" else ""
+    if summary.adapter:
+        base = summary.base_model or summary.source_name or "<the base model>"
+        lines += ["", "## Usage", "", "```python", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+                  f'model = PeftModel.from_pretrained(base, "{repo_id}"{revision_arg})',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{base}")', "```", ""]
+        return "\n".join(lines)
     lines += ["", "## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{revision_arg})',
               f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{revision_arg})', "```", ""]

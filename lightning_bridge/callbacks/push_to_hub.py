@@ -72,6 +72,7 @@ The upload itself (retries, exactly-once commits, redaction, the background thre
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -98,10 +99,12 @@ from lightning_bridge.callbacks.hub_upload import (
 )
 from lightning_bridge.callbacks.model_card import (
     TrainingSummary,
+    adapter_kind,
     card_files,
     float_or_none,
     training_summary,
 )
+from lightning_bridge.lora import lora_config_of
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +127,8 @@ class PushToHub(pl.Callback):
         retry_backoff_s: first backoff; doubled at each retry (a ``Retry-After`` header wins).
         export_dir: where to export the final checkpoint when no HFCheckpoint wrote one (default: a
             temporary folder, removed after a successful push, kept after a failed one).
+        merge_adapters: for a LoRA/DoRA model, that export is a PEFT adapter folder (False, the
+            default; its card says ``library_name: peft``) or full weights with the adapters merged.
 
     Attributes:
         results: a :class:`PushResult` per push, in order.
@@ -137,7 +142,8 @@ class PushToHub(pl.Callback):
     def __init__(self, repo_id: str, private: bool = True, token: str | None = None,
                  endpoint: str | None = None, revision: str = "main", push_every_checkpoint: bool = False,
                  commit_message: str | None = None, raise_on_failure: bool = False, max_retries: int = 5,
-                 retry_backoff_s: float = 2.0, export_dir: str | os.PathLike | None = None) -> None:
+                 retry_backoff_s: float = 2.0, export_dir: str | os.PathLike | None = None,
+                 merge_adapters: bool = False) -> None:
         if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
             raise ValueError(f"repo_id={repo_id!r}: expected 'namespace/name' (e.g. 'my-org/my-model').")
         if max_retries < 0 or retry_backoff_s < 0:
@@ -153,6 +159,7 @@ class PushToHub(pl.Callback):
         self.max_retries = max_retries
         self.retry_backoff_s = retry_backoff_s
         self.export_dir = Path(export_dir) if export_dir is not None else None
+        self.merge_adapters = merge_adapters
         self.results: list[PushResult] = []
         self.skipped: list[str] = []
         self.failure: str | None = None
@@ -251,7 +258,7 @@ class PushToHub(pl.Callback):
             self.results.append(result)
         handles: list[BinaryIO] = []
         try:
-            extra = self._card_files(summary or TrainingSummary(steps=step), revision)
+            extra = self._card_files(summary or TrainingSummary(steps=step), revision, folder=folder)
             if write_card:  # the folder then holds exactly what the Hub will (a plain re-upload redoes it)
                 try:
                     for name, data in extra.items():
@@ -327,7 +334,7 @@ class PushToHub(pl.Callback):
         with self._lock:
             self.results.append(result)
         try:
-            extra = self._card_files(summary, branch, losses)
+            extra = self._card_files(summary, branch, losses, folder=folder)
             files.update({name: io.BytesIO(data) for name, data in extra.items()})
             self._uploader().push(files, branch, f"Upload {folder.name} (lightning-bridge)", result,
                                   start_from=self.revision)
@@ -358,7 +365,11 @@ class PushToHub(pl.Callback):
             path = str(root / f"step-{trainer.global_step}")
         path = _broadcast(trainer, path)
         try:
-            strategy.bridge.save_hf_pretrained(strategy.model_chunks, path, show_progress=False)
+            if lora_config_of(strategy.model_chunks) is not None and not self.merge_adapters:
+                strategy.bridge.save_hf_adapter(strategy.model_chunks, path)
+            else:
+                strategy.bridge.save_hf_pretrained(strategy.model_chunks, path, show_progress=False,
+                                                   merge_adapters=lora_config_of(strategy.model_chunks) is not None)
         except Exception as exc:  # noqa: BLE001 - reported at the end of fit, like a failed push
             self._export_error = self._redact(f"exporting the model to {path} failed: {describe(exc)}")
             logger.error("PushToHub: %s", self._export_error)
@@ -416,9 +427,11 @@ class PushToHub(pl.Callback):
                  folder: Path | None) -> TrainingSummary:
         return training_summary(trainer, pl_module, step_of(folder), self.loss_key, self._started_at)
 
-    def _card_files(self, summary: TrainingSummary, revision: str,
-                    losses: list[tuple[int, float]] | None = None) -> dict[str, bytes]:
+    def _card_files(self, summary: TrainingSummary, revision: str, losses: list[tuple[int, float]] | None = None,
+                    folder: Path | None = None) -> dict[str, bytes]:
+        """The card and the plot; an adapter folder's card says ``library_name: peft``."""
         losses = self.losses if losses is None else losses
+        summary = dataclasses.replace(summary, adapter=adapter_kind(folder))
         return card_files(self.repo_id, summary, revision, losses, self._redact)
 
 

@@ -25,7 +25,9 @@ import torch
 
 from lightning_bridge.conversion.parallel import unwrap
 from lightning_bridge.lora.adapters import (
+    ADAPTER_CONFIG_NAME,
     AdapterPlan,
+    adapter_config_json,
     export_adapter_weights,
     fuse_adapters,
     load_adapter_weights,
@@ -40,7 +42,7 @@ from lightning_bridge.lora.config import LoraSettings, require_peft
 from lightning_bridge.lora.layers import LoraLinear, ProjectionAdapter, projection_layouts
 
 __all__ = [
-    "AdapterPlan", "LoraLinear", "LoraSettings", "ProjectionAdapter", "adapter_layers", "apply_lora",
+    "ADAPTER_CONFIG_NAME", "adapter_config_json", "AdapterPlan", "LoraLinear", "LoraSettings", "ProjectionAdapter", "adapter_layers", "apply_lora",
     "export_adapter_weights", "fuse_adapters", "load_adapter_weights", "lora_config_of", "merge_adapter",
     "merged_hf_weights", "parse_peft_name", "peft_name", "projection_layouts", "require_peft", "split_fused_adapter",
     "targeted_hf_modules",

@@ -14,6 +14,8 @@ same order everywhere: every rank must drain :func:`export_adapter_weights`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
+from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -240,3 +242,16 @@ def merged_hf_weights(weights: Iterator[tuple[str, torch.Tensor]], adapters: Map
             tensor = merge_adapter(tensor, lora_A, lora_B, scaling, fan_in_fan_out=fan_in_fan_out[module],
                                    magnitude=magnitude)
         yield name, tensor
+
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's adapter config file
+
+
+def adapter_config_json(config: Any) -> str:
+    """The text of ``adapter_config.json`` for ``config`` (a ``peft.LoraConfig``), exactly as
+    ``LoraConfig.save_pretrained`` writes it (PEFT's own writer, through a temporary folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        config.save_pretrained(folder)
+        return (Path(folder) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8")

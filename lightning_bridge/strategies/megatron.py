@@ -45,6 +45,7 @@ from typing_extensions import override
 from lightning_bridge.bridge import AutoBridge
 from lightning_bridge.dist_checkpoint import restore_model_chunks, sharded_model_state_dict, write_hf_metadata
 from lightning_bridge.attention import resolve_backend
+from lightning_bridge.lora import LoraSettings
 from lightning_bridge.masks import attention_mask_for
 from lightning_bridge.optim import step_tensor
 from lightning_bridge.provider import GPTModelProvider, precision_fields
@@ -86,6 +87,8 @@ class MegatronBridgeStrategy(ParallelStrategy):
         micro_batch_size: int | None = None,
         recompute: str | None = None,
         overlap_grad_reduce: bool | None = None,
+        peft: Any = None,
+        peft_adapter: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | str | None = None,
         load_weights: bool = True,
         seed: int = 1234,
@@ -123,6 +126,10 @@ class MegatronBridgeStrategy(ParallelStrategy):
                 "backward pass (least memory, about a third more compute)."
             )
         self.recompute = recompute
+        if peft is not None:
+            LoraSettings.from_lora_config(peft)  # an unsupported LoraConfig field is named before launch
+        self.peft = peft
+        self.peft_adapter = peft_adapter
         self.overlap_grad_reduce = overlap_grad_reduce
         self.torch_dtype = torch_dtype
         self.load_weights = load_weights
@@ -501,12 +508,30 @@ class MegatronBridgeStrategy(ParallelStrategy):
 
         overlap = self.overlap_grad_reduce
         if overlap is None:  # by default, reduce gradient buckets during the backward pass when there are replicas
-            overlap = ps.get_data_parallel_world_size(with_context_parallel=True) > 1
+            sizes = self.parallel_sizes
+            model_parallel = (sizes["tensor_model_parallel_size"] * sizes["pipeline_model_parallel_size"]
+                              * sizes["context_parallel_size"])
+            overlap = self.world_size // model_parallel > 1
         self.ddp_config = self.ddp_config or DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=overlap, use_distributed_optimizer=True,
             check_for_nan_in_grad=False,
         )
-        return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=self.ddp_config)
+        if self.peft is None and self.peft_adapter is None:
+            return provider(wrap_with_ddp=wrap_with_ddp, ddp_config=self.ddp_config)
+        chunks = provider(wrap_with_ddp=False)
+        self._add_adapters(chunks)  # before DDP: its buffers and the optimizer see only the adapters
+        return provider.wrap_with_ddp(chunks, self.ddp_config) if wrap_with_ddp else chunks
+
+    def _add_adapters(self, chunks: list[torch.nn.Module]) -> None:
+        """LoRA/DoRA adapters from ``peft`` (a ``peft.LoraConfig``) and/or an existing ``peft_adapter``."""
+        if self.peft is not None:
+            self.bridge.apply_lora(chunks, self.peft)
+        if self.peft_adapter is not None:
+            self.bridge.load_hf_adapter(chunks, adapter_folder(self.peft_adapter))
+        trainable = sum(p.numel() for chunk in chunks for p in chunk.parameters() if p.requires_grad)
+        total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        logger.info("LoRA: %s of this rank's %s parameters train (%.2f%%); the base weights are frozen.",
+                    f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     def _resolve_bridge(self) -> AutoBridge:
         source = self.model_source
@@ -610,6 +635,19 @@ class MegatronBridgeStrategy(ParallelStrategy):
             dist.broadcast(totals, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
         return (totals[0] / totals[1].clamp_min(1)).float(), totals[1].float()
+
+
+def adapter_folder(path_or_id: str | os.PathLike) -> Path:
+    """A PEFT adapter's local folder: the path itself, or the Hub repo's adapter files downloaded."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists() or str(path_or_id).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"peft_adapter={str(path_or_id)!r} is not a folder. Pass the folder that holds "
+                                "adapter_config.json and adapter_model.safetensors, or a Hub repo id.")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path_or_id), allow_patterns=["adapter_config.json", "*.safetensors"]))
 
 
 def parse_optimizers(conf: Any) -> tuple[list[Any], list[Any]]:
