@@ -11,6 +11,7 @@ import torch
 import transformers
 from factories import make_checkpoint
 from processes import launch
+from safetensors.torch import load_file
 
 from lightning_bridge import MegatronBridgeStrategy
 from lightning_bridge.hf_io import HFCheckpointReader
@@ -38,7 +39,9 @@ def fits(source, tmp_path_factory):
 def test_only_adapters_train_and_the_loss_falls(fits, source, run):
     result = fits[run]
     assert result["trainable"] and all(".adapters." in name for name in result["trainable"])
-    assert result["full"][-1] < 0.9 * result["full"][0]
+    first, second = result["full"][:8], result["full"][8:]  # the same 8 batches, epoch after epoch
+    assert all(after < before for before, after in zip(first, second))
+    assert sum(first) / 8 - sum(second) / 8 > 0.04  # measured: 0.08 (r=4 on q, v and down_proj)
     original = HFCheckpointReader(source)
     assert sorted(result["base"]) == sorted(original.names())
     for name, tensor in result["base"].items():  # the base weights come out bitwise as they went in
@@ -61,9 +64,9 @@ def test_hf_checkpoints_are_peft_adapter_folders(fits, source, run):
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == source and config["use_dora"] == run[2]
     assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
-    saved = HFCheckpointReader(final)
-    assert sorted(saved.names()) == sorted(result["adapters"])
-    assert all(torch.equal(saved.get(n), t) for n, t in result["adapters"].items())
+    saved = load_file(final / "adapter_model.safetensors")
+    assert saved.keys() == result["adapters"].keys()
+    assert all(torch.equal(saved[n], t) for n, t in result["adapters"].items())
     base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, str(final)).eval()
     with torch.no_grad():
