@@ -1,6 +1,7 @@
 """Supervised fine-tuning end to end: chats in, loss on the answers only, HF checkpoints out, published.
 
     python examples/sft_quickstart.py       # built-in tiny Llama + built-in chat set, TP=2 on 2 CPU processes
+    python examples/sft_quickstart.py --lora-r 8   # the same with LoRA on every linear layer: a PEFT adapter out
 
     # a real run: an instruct model, your chats (JSONL/Parquet/Arrow/CSV or a Hub dataset id), GPUs
     python examples/sft_quickstart.py --model meta-llama/Llama-3.2-1B-Instruct --data chats.jsonl \\
@@ -51,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica and step")
     parser.add_argument("--max-steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lora-r", type=int, default=0,
+                        help="train LoRA adapters of this rank instead of every weight (0: full fine-tuning)")
+    parser.add_argument("--lora-targets", default="all-linear", help="comma-separated HF module names, or all-linear")
     parser.add_argument("--hub-endpoint", default=LOCAL_HUB,
                         help="'local' (an emulator under OUTPUT/hub) or a Hub URL such as https://huggingface.co")
     parser.add_argument("--repo-id", default="demo/tiny-llama-sft", help="the Hub repo to publish to")
@@ -73,8 +77,14 @@ def main() -> None:
     try:
         checkpoints = HFCheckpoint(dirpath=output / "hf-checkpoints", every_n_train_steps=args.max_steps)
         publish = PushToHub(args.repo_id, endpoint=endpoint, retry_backoff_s=0.1 if hub else 2.0)
+        lora = None
+        if args.lora_r:
+            from peft import LoraConfig
+
+            targets = args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+            lora = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=targets)
         strategy = MegatronBridgeStrategy(source, tensor_model_parallel_size=args.tp,
-                                          pipeline_model_parallel_size=args.pp)
+                                          pipeline_model_parallel_size=args.pp, peft=lora)
         trainer = pl.Trainer(accelerator=args.accelerator, devices=args.devices, max_steps=args.max_steps,
                              strategy=strategy, callbacks=[checkpoints, publish, StepProgressBar()], logger=False,
                              enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=1,
@@ -89,8 +99,14 @@ def main() -> None:
         # Download what was published, load it with transformers, answer a question in the chat format.
         downloaded = huggingface_hub.snapshot_download(args.repo_id, endpoint=endpoint,
                                                        cache_dir=output / "download-cache")
-        model = transformers.AutoModelForCausalLM.from_pretrained(downloaded)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(downloaded)
+        if lora is None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(downloaded)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(downloaded)
+        else:  # a PEFT adapter repo: the adapter on the untouched base model
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(source), downloaded)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         template = args.chat_template or tokenizer.chat_template or CHAT_TEMPLATE
         if template.endswith(".jinja"):
             template = Path(template).read_text()
@@ -110,6 +126,7 @@ def main() -> None:
         "data": args.data or "built-in chat set",
         "training_sequences": len(data.train_set),
         "packing": args.packing,
+        "lora_r": args.lora_r,
         "first_sequence": {"tokens": int(first["input_ids"].ne(tokenizer.pad_token_id).sum()),
                            "counted": int(first["labels"].ne(-100).sum())},
         "steps": trainer.global_step,

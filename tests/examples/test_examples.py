@@ -80,6 +80,22 @@ def test_sft_quickstart_on_the_builtin_chat_set(model, tmp_path):
     assert (out / "hf-checkpoints" / "step-3" / "model.safetensors").is_file()
 
 
+def test_sft_quickstart_with_lora_publishes_a_peft_adapter(model, tmp_path):
+    """--lora-r: LoRA on every linear layer at TP=2; the published repo is a PEFT adapter that answers."""
+    pytest.importorskip("peft")
+    out = tmp_path / "out"
+    stdout = run("sft_quickstart.py", "--model", str(model), "--max-steps", "3", "--lora-r", "8", "--lr", "1e-2",
+                 "--output", str(out), cwd=tmp_path)
+    assert re.search(r"training     3 steps; train_loss [\d.]+ -> [\d.]+", stdout)
+    assert "answer       'What is 4 plus 4?' -> " in stdout
+    step = out / "hf-checkpoints" / "step-3"
+    files = {p.name for p in step.iterdir()}  # with the card PushToHub wrote beside what it published
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= files
+    assert not any(name.startswith("model") for name in files)
+    card = (step / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card
+
+
 def test_finetune_with_lightnings_own_launcher(model, tmp_path):
     """devices=2 in a plain process: Lightning starts the second process itself (TP=2); HFCheckpoint + PushToHub."""
     out = tmp_path / "out"
