@@ -192,6 +192,10 @@ class LoraLinear(MegatronModule):
         if not isinstance(base_layer, PARALLEL_LINEAR):
             raise TypeError("LoRA wraps ColumnParallelLinear or RowParallelLinear, not "
                             f"{type(base_layer).__name__}.")
+        if getattr(base_layer, "gather_output", False) or not getattr(base_layer, "input_is_parallel", True):
+            raise ValueError("LoRA adapts parallel linear layers whose output (column-parallel) or input "
+                             "(row-parallel) stays split over tensor parallelism, as in Megatron's GPT layers; "
+                             "this one gathers its output or scatters its input.")
         self.base_layer = base_layer
         self.column_parallel = isinstance(base_layer, ColumnParallelLinear)
         self.sequence_parallel = bool(getattr(base_layer, "sequence_parallel", False))

@@ -70,15 +70,16 @@ def build(checkpoint: str, tp: int, pp: int, sequence_parallel: bool = False):
     return bridge, provider(wrap_with_ddp=False)
 
 
-def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: torch.Tensor) -> dict:
+def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: torch.Tensor,
+                       train: bool = False) -> dict:
     """Full adapter gradients (PEFT names) of ``sum(logits * loss_weights)``, through Megatron's own
     forward-backward schedule (any TP/PP layout), on every rank: each gradient is swapped into its
-    parameter and exported like the adapter."""
+    parameter and exported like the adapter. ``train=False``: no dropout, as the PEFT reference."""
     chunks = list(model)
     batch, seq = input_ids.shape
     position_ids = torch.arange(seq).expand(batch, seq)
     for chunk in chunks:
-        chunk.eval()  # no dropout (GPT-2 has some), as the PEFT reference
+        chunk.train(train)
         chunk.zero_grad()
 
     def loss_func(logits):
@@ -112,13 +113,18 @@ def megatron_gradients(bridge, model, input_ids: torch.Tensor, loss_weights: tor
     return {"grads": grads, "base_grads": base_grads}
 
 
-FRESH = dict(r=4, lora_alpha=16, target_modules="all-linear", use_dora=True, init_lora_weights=False)
+FRESH = dict(r=4, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", use_dora=True,
+             init_lora_weights=False)
 
 
 def fresh_adapter(checkpoint: str, tp: int, pp: int) -> dict:
-    """A new adapter (``FRESH``, seed 7) exported on rank 0: the same at every layout."""
+    """A new adapter (``FRESH``, seed 7) exported on rank 0: the same at every layout. A training
+    forward-backward (DoRA with dropout) runs first: it changes no parameter."""
     bridge, model = build(checkpoint, tp, pp)
     bridge.apply_lora(model, peft.LoraConfig(**FRESH), seed=7)
+    input_ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    grads = megatron_gradients(bridge, model, input_ids, torch.ones(2, 16, 96), train=True)["grads"]
+    assert grads and all(torch.isfinite(grad).all() for grad in grads.values())
     exported = dict(bridge.export_adapter_weights(model))
     ps.destroy_model_parallel()
     return exported
