@@ -13,6 +13,11 @@ data for every path (``--paths``, run one after another, memory freed in between
 - ``mcore-sequential-experts``: ``mcore`` with MoE experts one after another (megatron-core's
   ``SequentialMLP``) instead of grouped GEMMs (``lightning_bridge.experts``, the default on CUDA);
 - ``strategy``: ``MegatronBridgeStrategy`` (fused attention) under ``Trainer.fit`` (not in the default set);
+- ``strategy-lora``: the same training LoRA adapters (r=16, every linear layer, ``peft.LoraConfig``) on
+  the frozen model. Its MFU column uses the full-training formula (no weight gradients are computed
+  for frozen weights): compare its step time and peak memory with ``strategy``'s. For the issue's
+  figures: ``--shapes llama3-8b-12l --paths strategy,strategy-lora`` and ``--shapes llama3-8b --paths
+  strategy-lora`` (the full 32 layers, which full fine-tuning cannot fit on one GPU with Adam);
 - ``hf``: transformers' model with SDPA attention, fp32 weights under bf16 autocast, fused AdamW;
 - ``hf-compile``: the same, ``torch.compile``d.
 
@@ -38,7 +43,7 @@ from torch.utils.data import DataLoader
 from train_throughput import CountingSequences
 from train_vs_mcore import run_mcore, run_strategy, timed_steps
 
-PATHS = ("mcore", "mcore-unfused", "mcore-sequential-experts", "strategy", "hf", "hf-compile")
+PATHS = ("mcore", "mcore-unfused", "mcore-sequential-experts", "strategy", "strategy-lora", "hf", "hf-compile")
 DEFAULT_PATHS = ("mcore", "mcore-unfused", "hf", "hf-compile")
 FORMULA = ("FLOPs/token = 6 x matmul params + 12 x layers x seq x hidden; TFLOP/s = FLOPs/token x tokens/s; "
            "MFU = TFLOP/s / peak")
@@ -102,8 +107,9 @@ def run_path(path: str, args, config, data: DataLoader):
         run_args.attention_backend = "local" if path == "mcore-unfused" else "auto"
         run_args.expert_backend = "sequential" if path == "mcore-sequential-experts" else "auto"
         return run_mcore(run_args, config, data)
-    if path == "strategy":
+    if path.startswith("strategy"):
         run_args.attention_backend = "auto"
+        run_args.lora = path == "strategy-lora"
         return run_strategy(run_args, AutoBridge.from_hf_config(config, torch_dtype=torch.bfloat16), data)
     return run_hf(args, config, data, compile_model=path == "hf-compile")
 

@@ -42,9 +42,14 @@ def _sync() -> None:
 def run_strategy(args, source: str, data: DataLoader) -> tuple[list[float], list[float]]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     overrides = {"attention_backend": args.attention_backend} if getattr(args, "attention_backend", None) else {}
+    peft = None
+    if getattr(args, "lora", False):  # LoRA r=16 on every linear layer of the blocks, the base frozen
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
     strategy = MegatronBridgeStrategy(source, tensor_model_parallel_size=args.tp,
                                       pipeline_model_parallel_size=args.pp, micro_batch_size=args.micro,
-                                      provider_overrides=overrides)
+                                      provider_overrides=overrides, peft=peft)
     timer = Timer()  # wall time of each step, device work included
     trainer = pl.Trainer(accelerator="auto", devices=world, strategy=strategy, max_steps=args.steps, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
