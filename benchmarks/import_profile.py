@@ -93,7 +93,8 @@ def import_phases(folder: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import random as mcore_random
 
-    from lightning_bridge.conversion.loading import _plan_loads, check_checkpoint_names
+    from lightning_bridge.conversion.context import ConversionContext
+    from lightning_bridge.conversion.loading import check_checkpoint_names, plan_loads
 
     phases = {}
     bridge = AutoBridge.from_hf_pretrained(folder, torch_dtype=torch.bfloat16)
@@ -116,7 +117,8 @@ def import_phases(folder: str) -> dict:
         return reader
 
     phases["reader_and_names_s"], reader = _timed(check_names)
-    phases["plan_s"], _ = _timed(_plan_loads, [chunk], reader, registry, bridge._context(provider))
+    context = ConversionContext.from_config(provider, provider.vocab_size, provider.padded_vocab_size)
+    phases["plan_s"], _ = _timed(plan_loads, [chunk], reader, registry, context)
     phases["load_weights_s"], _ = _timed(provider.weight_loader, [chunk], provider)
     phases["total_s"] = round(time.perf_counter() - start, 4)
     del chunk

@@ -105,7 +105,7 @@ def load_hf_weights(
     mappings write fused tensors (q/k/v, gate/up) straight into the parameter, without a full copy.
     Returns the global names of the parameters written: all of them.
     """
-    loads = _plan_loads(chunks, source, registry, ctx)
+    loads = plan_loads(chunks, source, registry, ctx)
     release = getattr(source, "release", lambda name: None)
     progress = tqdm(total=len(loads), desc="Loading HF weights", unit="tensor", disable=not show_progress)
     with progress, torch.no_grad():
@@ -123,7 +123,7 @@ def load_hf_weights(
     return [load.name for load in loads]
 
 
-def _plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registry: MappingRegistry,
+def plan_loads(chunks: Sequence[torch.nn.Module], source: TensorSource, registry: MappingRegistry,
                 ctx: ConversionContext) -> list[_Load]:
     """Every parameter's HF tensors, with their shapes checked against the checkpoint's header."""
     layout = RankLayout.current()
