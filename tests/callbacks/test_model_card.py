@@ -13,6 +13,7 @@ import yaml
 from lightning_bridge.sources import ConfigOnlySource, HFCheckpointSource
 from lightning_bridge.callbacks.model_card import (
     TrainingSummary,
+    adapter_kind,
     nice_ticks,
     base_model_for,
     card_metadata,
@@ -66,6 +67,19 @@ def test_metadata_and_summary():
         assert row in body
     assert "![Training loss per step](training_loss.svg)" in body
     assert 'from_pretrained("me/model", revision="step-900")' in body
+
+
+def test_an_adapter_card_says_peft_and_loads_the_adapter_on_its_base(tmp_path):
+    assert adapter_kind(tmp_path) is None  # full weights
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "use_dora": true}')
+    assert adapter_kind(tmp_path) == "DoRA"
+    summary = TrainingSummary(steps=10, base_model="meta-llama/Llama-3.2-1B", model_type="llama", adapter="LoRA")
+    meta, body = _split(render_model_card("me/llama-lora", summary))
+    assert meta["library_name"] == "peft" and meta["base_model"] == "meta-llama/Llama-3.2-1B"
+    assert "lora" in meta["tags"]
+    assert "exported as a PEFT LoRA adapter" in body
+    assert 'PeftModel.from_pretrained(base, "me/llama-lora")' in body
+    assert 'AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")' in body
 
 
 def test_minimal_card_and_local_source():

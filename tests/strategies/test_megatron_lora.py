@@ -78,3 +78,32 @@ def test_an_unsupported_lora_field_is_refused_at_construction(source):
     with pytest.raises(ValueError, match="modules_to_save"):
         MegatronBridgeStrategy(source, peft=peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                               modules_to_save=["lm_head"]))
+
+
+def test_a_peft_adapter_folder_starts_the_model(source, tmp_path):
+    """peft_adapter=: an adapter saved by PEFT itself is loaded exactly (same logits as PeftModel)."""
+    import lightning.pytorch as pl
+
+    from lightning_bridge.verify import megatron_logits
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"],
+                             init_lora_weights="gaussian")
+    reference = peft.get_peft_model(base, config).eval()
+    for name, param in reference.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)  # B != 0: the adapter moves the logits
+    reference.save_pretrained(tmp_path / "adapter")
+    strategy = MegatronBridgeStrategy(source, peft_adapter=str(tmp_path / "adapter"))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False)
+    data = torch.utils.data.DataLoader([{"input_ids": torch.arange(8)}] * 2, batch_size=2)
+    from lightning_bridge import CausalLMModule
+
+    trainer.validate(CausalLMModule(), data)
+    probe = torch.tensor([[5, 17, 3, 44, 90, 12, 7, 61]])
+    with torch.no_grad():
+        expected = reference(probe).logits
+    torch.testing.assert_close(megatron_logits(strategy.model_chunks, probe).float(), expected, rtol=1e-4, atol=1e-4)
+    assert all(".adapters." in n for c in strategy.model_chunks for n, p in c.named_parameters() if p.requires_grad)
