@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -78,15 +79,17 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
     """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings: norms that
     allow sequence parallelism (:class:`~lightning_bridge.norms.TorchNorm`), and the core attention
     chosen by ``provider.attention_backend`` (:mod:`lightning_bridge.attention`)."""
+    latent = provider.multi_latent_attention
     spec = get_gpt_layer_local_spec(
         num_experts=provider.num_moe_experts,
         qk_layernorm=provider.qk_layernorm,
         normalization=provider.normalization,
+        multi_latent_attention=latent,
     )
     layer, attention = spec.submodules, spec.submodules.self_attention
     parts = {"core_attention": core_attention_spec(provider)}
-    if provider.qk_layernorm:
-        parts.update(q_layernorm=TorchNorm, k_layernorm=TorchNorm)
+    if provider.qk_layernorm:  # multi-latent attention: the norms of the compressed q and kv
+        parts.update(q_layernorm=TorchNorm, **{"kv_layernorm" if latent else "k_layernorm": TorchNorm})
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **parts))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
         layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention))
@@ -192,7 +195,9 @@ class GPTModelProvider(TransformerConfig):
             self.batch_p2p_comm = False
         if self.num_moe_experts:
             _define_missing_te_gemm()
-        TransformerConfig.__post_init__(self)
+        if self.multi_latent_attention:
+            _mla_without_missing_te()
+        super(GPTModelProvider, self).__post_init__()  # the config class's own: TransformerConfig's, or MLA's
 
     def provide(self, vp_stage: int | None = None) -> GPTModel:
         """One model chunk (a pipeline stage, or a virtual stage of it) for this rank."""
@@ -338,8 +343,38 @@ class GPTModelProvider(TransformerConfig):
         ]
 
     def transformer_config_fields(self) -> dict[str, Any]:
-        """The ``TransformerConfig`` fields and their current values."""
-        return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+        """The ``TransformerConfig`` fields (``MLATransformerConfig``'s for MLA) and their current values."""
+        config_class = MLATransformerConfig if isinstance(self, MLATransformerConfig) else TransformerConfig
+        return {f.name: getattr(self, f.name) for f in fields(config_class)}
+
+
+@dataclass
+class MLAModelProvider(GPTModelProvider, MLATransformerConfig):
+    """A :class:`GPTModelProvider` with multi-latent attention (DeepSeek-V2/V3): an ``MLATransformerConfig``.
+
+    Its extra fields are megatron-core's own (``q_lora_rank`` (None: one q projection),
+    ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``, ``rope_type`` "rope" or
+    "yarn" with ``rotary_scaling_factor``, ``mscale``, ``mscale_all_dim``, ...). The layers use
+    megatron-core's local MLA spec; ``qk_layernorm`` puts the RMSNorms on the compressed q and kv.
+    Each layer's attention has its own rotary embedding (of ``qk_pos_emb_head_dim``).
+    """
+
+    multi_latent_attention: bool = True
+    rope_type: str = "rope"
+
+    def _check_parallel_sizes(self) -> None:
+        super()._check_parallel_sizes()
+        tp = self.tensor_model_parallel_size
+        # the down projections are column-parallel in the local spec: their outputs split over TP
+        sizes = [("kv_lora_rank + qk_rope_head_dim", self.kv_lora_rank + self.qk_pos_emb_head_dim)]
+        if self.q_lora_rank is not None:
+            sizes.append(("q_lora_rank", self.q_lora_rank))
+        for label, value in sizes:
+            if value % tp:
+                raise ValueError(
+                    f"tensor_model_parallel_size={tp} does not divide {label}={value} (multi-latent attention "
+                    f"splits its down projections over TP). Choose one that divides it "
+                    f"(for example {_largest_divisor(value, tp)}).")
 
 
 def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
@@ -368,6 +403,21 @@ def _define_missing_te_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _mla_without_missing_te() -> None:
+    """Let megatron-core's multi-latent attention build without Transformer Engine.
+
+    megatron-core 0.16's ``multi_latent_attention`` sets ``HAVE_TE`` when
+    ``megatron.core.extensions.transformer_engine`` imports, which it does without TE too (its classes
+    are then mocks), and later calls ``isinstance(self.linear_proj, TELinear)`` with a mock: a
+    TypeError. Without TE, it is told so.
+    """
+    from megatron.core.extensions import transformer_engine
+    from megatron.core.transformer import multi_latent_attention
+
+    if not getattr(transformer_engine, "HAVE_TE", False):
+        multi_latent_attention.HAVE_TE = False
 
 
 def _largest_divisor(value: int, limit: int) -> int:
