@@ -90,9 +90,26 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
     parts = {"core_attention": core_attention_spec(provider)}
     if provider.qk_layernorm:  # multi-latent attention: the norms of the compressed q and kv
         parts.update(q_layernorm=TorchNorm, **{"kv_layernorm" if latent else "k_layernorm": TorchNorm})
+    if latent:
+        parts["linear_kv_down_proj"] = _latent_kv_down_projection()
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **parts))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
         layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention))
+
+
+def _latent_kv_down_projection() -> type:
+    """MLA's kv down projection, whole on every tensor-parallel rank (megatron-core's plain ``Linear``).
+
+    The local spec's column-parallel one splits [kv latent | shared rotary key] over TP ranks and
+    gathers it; each rank then uses the rotary key for its own heads only, and the gather's backward
+    keeps only this rank's part of the key's gradient: under TP the gradient of the key's rows and of
+    the layer input is wrong (forward is right). Whole on every rank, the key is gathered over the
+    sequence-parallel ranks, whose backward sums every rank's heads; the weight's gradient is summed
+    over TP like a norm's (``sequence_parallel``). So MLA trains exactly at TP > 1 with
+    ``sequence_parallel=True`` (which Megatron's MoE layers require anyway)."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    return Linear
 
 
 def block_spec(spec: ModuleSpec, provider: GPTModelProvider, vp_stage: int | None) -> ModuleSpec:
@@ -355,8 +372,10 @@ class MLAModelProvider(GPTModelProvider, MLATransformerConfig):
     Its extra fields are megatron-core's own (``q_lora_rank`` (None: one q projection),
     ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``, ``rope_type`` "rope" or
     "yarn" with ``rotary_scaling_factor``, ``mscale``, ``mscale_all_dim``, ...). The layers use
-    megatron-core's local MLA spec; ``qk_layernorm`` puts the RMSNorms on the compressed q and kv.
-    Each layer's attention has its own rotary embedding (of ``qk_pos_emb_head_dim``).
+    megatron-core's local MLA spec, but with the kv down projection whole on every TP rank (see
+    :func:`_latent_kv_down_projection`: training at TP > 1 needs ``sequence_parallel=True``);
+    ``qk_layernorm`` puts the RMSNorms on the compressed q and kv. Each layer's attention has its own
+    rotary embedding (of ``qk_pos_emb_head_dim``).
     """
 
     multi_latent_attention: bool = True
@@ -365,16 +384,12 @@ class MLAModelProvider(GPTModelProvider, MLATransformerConfig):
     def _check_parallel_sizes(self) -> None:
         super()._check_parallel_sizes()
         tp = self.tensor_model_parallel_size
-        # the down projections are column-parallel in the local spec: their outputs split over TP
-        sizes = [("kv_lora_rank + qk_rope_head_dim", self.kv_lora_rank + self.qk_pos_emb_head_dim)]
-        if self.q_lora_rank is not None:
-            sizes.append(("q_lora_rank", self.q_lora_rank))
-        for label, value in sizes:
-            if value % tp:
-                raise ValueError(
-                    f"tensor_model_parallel_size={tp} does not divide {label}={value} (multi-latent attention "
-                    f"splits its down projections over TP). Choose one that divides it "
-                    f"(for example {_largest_divisor(value, tp)}).")
+        # the q down projection is column-parallel: its output splits over TP (kv's is whole on each rank)
+        if self.q_lora_rank is not None and self.q_lora_rank % tp:
+            raise ValueError(
+                f"tensor_model_parallel_size={tp} does not divide q_lora_rank={self.q_lora_rank} (multi-latent "
+                f"attention splits its q down projection over TP). Choose one that divides it "
+                f"(for example {_largest_divisor(self.q_lora_rank, tp)}).")
 
 
 def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:

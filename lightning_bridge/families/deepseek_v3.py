@@ -127,7 +127,7 @@ class DeepseekV3Bridge(ModelBridge):
             VocabParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
             Replicated("decoder.layers.*.input_layernorm.weight", "model.layers.*.input_layernorm.weight"),
             *queries,
-            ColumnParallel(f"{mla}.linear_kv_down_proj.weight", f"{attn}.kv_a_proj_with_mqa.weight"),
+            Replicated(f"{mla}.linear_kv_down_proj.weight", f"{attn}.kv_a_proj_with_mqa.weight"),  # whole per rank
             Replicated(f"{mla}.kv_layernorm.weight", f"{attn}.kv_a_layernorm.weight"),
             ColumnParallel(f"{mla}.linear_kv_up_proj.weight", f"{attn}.kv_b_proj.weight"),
             RowParallel(f"{mla}.linear_proj.weight", f"{attn}.o_proj.weight"),

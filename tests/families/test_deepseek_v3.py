@@ -68,10 +68,10 @@ def test_multi_token_prediction_layers_are_skipped():
     assert "model.layers.4.*" in bridge.ignored_hf_patterns
 
 
-def test_tensor_parallelism_must_divide_the_compressed_sizes():
-    provider = DeepseekV3Bridge(make_hf_config("deepseek-v3", kv_lora_rank=31)).provider()
+def test_tensor_parallelism_must_divide_the_compressed_query():
+    provider = DeepseekV3Bridge(make_hf_config("deepseek-v3", q_lora_rank=47)).provider()
     provider.tensor_model_parallel_size = 2
-    with pytest.raises(ValueError, match=r"does not divide kv_lora_rank \+ qk_rope_head_dim=39"):
+    with pytest.raises(ValueError, match=r"does not divide q_lora_rank=47"):
         provider()
 
 
