@@ -76,7 +76,7 @@ class _HeadSizes:
 
 
 class LatentDotProductAttention(_HeadSizes, DotProductAttention):
-    """megatron-core's unfused ``DotProductAttention`` for multi-latent attention (see :class:`_HeadSizes`)."""
+    """megatron-core's unfused ``DotProductAttention`` for multi-latent attention (:class:`_HeadSizes`)."""
 
     def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -96,7 +96,8 @@ class FusedDotProductAttention(_HeadSizes, DotProductAttention):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, *, softcap: float | None = None,
-                 kernel: str = "auto", k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+                 kernel: str = "auto", k_channels: int | None = None, v_channels: int | None = None,
+                 **kwargs):
         super().__init__(config, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale, **kwargs)
         self._use_head_sizes(v_channels)

@@ -387,8 +387,8 @@ class MLAModelProvider(GPTModelProvider, MLATransformerConfig):
         # the q down projection is column-parallel: its output splits over TP (kv's is whole on each rank)
         if self.q_lora_rank is not None and self.q_lora_rank % tp:
             raise ValueError(
-                f"tensor_model_parallel_size={tp} does not divide q_lora_rank={self.q_lora_rank} (multi-latent "
-                f"attention splits its q down projection over TP). Choose one that divides it "
+                f"tensor_model_parallel_size={tp} does not divide q_lora_rank={self.q_lora_rank} "
+                f"(multi-latent attention splits its q down projection over TP). Choose one that divides it "
                 f"(for example {_largest_divisor(self.q_lora_rank, tp)}).")
 
 

@@ -25,7 +25,8 @@ class PositionIdsRotary(torch.nn.Module):
         self.rotary = rotary
         self.position_ids: torch.Tensor | None = None
 
-    def forward(self, max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, float]:
+    def forward(self, max_seq_len: int, *args: Any,
+                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, float]:
         angles = self.rotary(max_seq_len, *args, **kwargs)  # [seq, 1, 1, dim], Megatron's own
         if isinstance(angles, tuple):  # YaRN (multi-latent attention): (angles, its attention factor)
             return (self._at_positions(angles[0]), *angles[1:])

@@ -94,8 +94,8 @@ class DeepseekV3Bridge(ModelBridge):
         cfg, name = self.hf_config, type(self.hf_config).__name__
         if not getattr(cfg, "rope_interleave", True):
             raise ValueError(f"{name} with rope_interleave=False is not supported: Megatron's multi-latent "
-                             "attention always rotates interleaved pairs. Use rope_interleave=True (DeepSeek's "
-                             "checkpoints do).")
+                             "attention always rotates interleaved pairs. Use rope_interleave=True "
+                             "(DeepSeek's checkpoints do).")
         if cfg.attention_bias:
             raise ValueError(f"{name} with attention_bias=True is not supported: Megatron's multi-latent "
                              "attention has no biases on its projections. Use attention_bias=False.")
@@ -127,11 +127,13 @@ class DeepseekV3Bridge(ModelBridge):
             VocabParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
             Replicated("decoder.layers.*.input_layernorm.weight", "model.layers.*.input_layernorm.weight"),
             *queries,
-            Replicated(f"{mla}.linear_kv_down_proj.weight", f"{attn}.kv_a_proj_with_mqa.weight"),  # whole per rank
+            # whole on every TP rank (see provider.MLAModelProvider)
+            Replicated(f"{mla}.linear_kv_down_proj.weight", f"{attn}.kv_a_proj_with_mqa.weight"),
             Replicated(f"{mla}.kv_layernorm.weight", f"{attn}.kv_a_layernorm.weight"),
             ColumnParallel(f"{mla}.linear_kv_up_proj.weight", f"{attn}.kv_b_proj.weight"),
             RowParallel(f"{mla}.linear_proj.weight", f"{attn}.o_proj.weight"),
-            Replicated("decoder.layers.*.pre_mlp_layernorm.weight", "model.layers.*.post_attention_layernorm.weight"),
+            Replicated("decoder.layers.*.pre_mlp_layernorm.weight",
+                       "model.layers.*.post_attention_layernorm.weight"),
             *sigmoid_moe_mappings(self.hf_config),
             Replicated("decoder.final_layernorm.weight", "model.norm.weight"),
             VocabParallel("output_layer.weight", "lm_head.weight"),
@@ -144,8 +146,9 @@ def mla_rope_config(cfg: Any) -> dict[str, Any]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     base = {"rotary_base": params.get("rope_theta", 10000.0)}
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{name} with partial_rotary_factor={params['partial_rotary_factor']} is not supported: "
-                         "multi-latent attention rotates all qk_rope_head_dim dims. Remove partial_rotary_factor.")
+        raise ValueError(f"{name} with partial_rotary_factor={params['partial_rotary_factor']} is not "
+                         "supported: multi-latent attention rotates all qk_rope_head_dim dims. Remove "
+                         "partial_rotary_factor.")
     if rope_type == "default":
         return {**base, "rope_type": "rope"}
     if rope_type != "yarn":

@@ -25,7 +25,8 @@ INPUT_IDS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_see
 
 def test_every_attention_setting_is_carried_over(tmp_path):
     folder = make_checkpoint("deepseek-v3", tmp_path / "m")
-    reference = transformers_logits(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), INPUT_IDS)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    reference = transformers_logits(hf_model, INPUT_IDS)
     bridge = AutoBridge.from_hf_pretrained(folder)
     provider = bridge.to_megatron_provider(show_progress=False)
     assert isinstance(provider, MLATransformerConfig) and provider.multi_latent_attention
@@ -60,7 +61,8 @@ def test_packed_positions_restart_in_every_layers_rotary_embedding(tmp_path):
     with torch.no_grad():
         ours = chunk(INPUT_IDS, positions, None)[..., :96]
         # an all-ones mask: transformers would otherwise make the packed examples block-diagonal
-        reference = hf_model(INPUT_IDS, attention_mask=torch.ones_like(INPUT_IDS), position_ids=positions).logits
+        reference = hf_model(INPUT_IDS, attention_mask=torch.ones_like(INPUT_IDS),
+                             position_ids=positions).logits
         unpacked = chunk(INPUT_IDS, torch.arange(16).expand(2, 16), None)[..., :96]
     assert relative_difference(ours, reference) <= 1e-5
     assert relative_difference(unpacked, reference) > 1e-4
@@ -101,7 +103,8 @@ def test_megatron_checkpoint_round_trip_is_bitwise(tmp_path):
     shards) loads back into an MLA provider, and exports the source bitwise."""
     source = make_checkpoint("deepseek-v3", tmp_path / "hf")
     bridge = AutoBridge.from_hf_pretrained(source)
-    path = save_megatron_checkpoint(bridge.to_megatron_model(show_progress=False), bridge, tmp_path / "megatron")
+    chunks = bridge.to_megatron_model(show_progress=False)
+    path = save_megatron_checkpoint(chunks, bridge, tmp_path / "megatron")
     ps.destroy_model_parallel()
     bridge, chunks = load_megatron_model(path)
     try:
