@@ -64,7 +64,26 @@ def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-class FusedDotProductAttention(DotProductAttention):
+class _HeadSizes:
+    """Multi-latent attention (``MLASelfAttention``) builds its core attention with the key and value
+    head sizes (``k_channels``, ``v_channels``: 192 and 128 in DeepSeek-V3), which megatron-core 0.16's
+    ``DotProductAttention`` does not take: it sizes its output by ``kv_channels``. Here the output is
+    this rank's heads x ``v_channels``; the softmax scale is MLA's own (``softmax_scale``)."""
+
+    def _use_head_sizes(self, v_channels: int | None) -> None:
+        if v_channels is not None:
+            self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+
+class LatentDotProductAttention(_HeadSizes, DotProductAttention):
+    """megatron-core's unfused ``DotProductAttention`` for multi-latent attention (:class:`_HeadSizes`)."""
+
+    def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._use_head_sizes(v_channels)
+
+
+class FusedDotProductAttention(_HeadSizes, DotProductAttention):
     """``DotProductAttention`` computed by torch's fused attention kernels (SDPA, flex attention).
 
     ``softcap``: cap the scaled scores at ``tanh(s / cap) * cap`` before masking and softmax.
@@ -77,9 +96,11 @@ class FusedDotProductAttention(DotProductAttention):
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str, attention_dropout: float | None = None,
                  softmax_scale: float | None = None, *, softcap: float | None = None,
-                 kernel: str = "auto", **kwargs):
+                 kernel: str = "auto", k_channels: int | None = None, v_channels: int | None = None,
+                 **kwargs):
         super().__init__(config, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale, **kwargs)
+        self._use_head_sizes(v_channels)
         if self.config.softmax_type != "vanilla":
             raise ValueError(f"softmax_type={self.config.softmax_type!r} is not supported by the fused core "
                              "attention; set attention_backend='local'.")
@@ -201,7 +222,8 @@ def core_attention_spec(config: TransformerConfig, softcap: float | None = None)
     backend = resolve_backend(config, softcap)
     if backend == "local":
         if softcap is None:
-            return ModuleSpec(module=DotProductAttention)
+            latent = getattr(config, "multi_latent_attention", False)
+            return ModuleSpec(module=LatentDotProductAttention if latent else DotProductAttention)
         return ModuleSpec(module=SoftcappedDotProductAttention, params={"softcap": softcap})
     kernel = "auto" if _normalise(getattr(config, "attention_backend", "auto")) == "auto" else backend
     return ModuleSpec(module=FusedDotProductAttention, params={"softcap": softcap, "kernel": kernel})

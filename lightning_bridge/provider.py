@@ -34,6 +34,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlock,
@@ -86,15 +87,19 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
     """megatron-core's local (no Transformer Engine) GPT layer for this provider's settings: norms that
     allow sequence parallelism (:class:`~lightning_bridge.norms.TorchNorm`), and the core attention
     chosen by ``provider.attention_backend`` (:mod:`lightning_bridge.attention`)."""
+    latent = provider.multi_latent_attention
     spec = get_gpt_layer_local_spec(
         num_experts=provider.num_moe_experts,
         qk_layernorm=provider.qk_layernorm,
         normalization=provider.normalization,
+        multi_latent_attention=latent,
     )
     layer, attention = spec.submodules, spec.submodules.self_attention
     parts = {"core_attention": core_attention_spec(provider)}
-    if provider.qk_layernorm:
-        parts.update(q_layernorm=TorchNorm, k_layernorm=TorchNorm)
+    if provider.qk_layernorm:  # multi-latent attention: the norms of the compressed q and kv
+        parts.update(q_layernorm=TorchNorm, **{"kv_layernorm" if latent else "k_layernorm": TorchNorm})
+    if latent:
+        parts["linear_kv_down_proj"] = _latent_kv_down_projection()
     attention = dataclasses.replace(attention, submodules=dataclasses.replace(attention.submodules, **parts))
     mlp = layer.mlp
     if provider.num_moe_experts:  # same parameters as SequentialMLP; grouped GEMMs on CUDA
@@ -102,6 +107,21 @@ def local_layer_spec(provider: GPTModelProvider) -> ModuleSpec:
         mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, experts=experts))
     return dataclasses.replace(spec, submodules=dataclasses.replace(
         layer, input_layernorm=TorchNorm, pre_mlp_layernorm=TorchNorm, self_attention=attention, mlp=mlp))
+
+
+def _latent_kv_down_projection() -> type:
+    """MLA's kv down projection, whole on every tensor-parallel rank (megatron-core's plain ``Linear``).
+
+    The local spec's column-parallel one splits [kv latent | shared rotary key] over TP ranks and
+    gathers it; each rank then uses the rotary key for its own heads only, and the gather's backward
+    keeps only this rank's part of the key's gradient: under TP the gradient of the key's rows and of
+    the layer input is wrong (forward is right). Whole on every rank, the key is gathered over the
+    sequence-parallel ranks, whose backward sums every rank's heads; the weight's gradient is summed
+    over TP like a norm's (``sequence_parallel``). So MLA trains exactly at TP > 1 with
+    ``sequence_parallel=True`` (which Megatron's MoE layers require anyway)."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    return Linear
 
 
 def block_spec(spec: ModuleSpec, provider: GPTModelProvider, vp_stage: int | None) -> ModuleSpec:
@@ -212,7 +232,9 @@ class GPTModelProvider(TransformerConfig):
             self.batch_p2p_comm = False
         if self.num_moe_experts:
             _define_missing_te_gemm()
-        TransformerConfig.__post_init__(self)
+        if self.multi_latent_attention:
+            _mla_without_missing_te()
+        super(GPTModelProvider, self).__post_init__()  # the config class's own: TransformerConfig's, or MLA's
 
     def provide(self, vp_stage: int | None = None) -> GPTModel:
         """One model chunk (a pipeline stage, or a virtual stage of it) for this rank."""
@@ -358,8 +380,36 @@ class GPTModelProvider(TransformerConfig):
         ]
 
     def transformer_config_fields(self) -> dict[str, Any]:
-        """The ``TransformerConfig`` fields and their current values."""
-        return {f.name: getattr(self, f.name) for f in fields(TransformerConfig)}
+        """The ``TransformerConfig`` fields (``MLATransformerConfig``'s for MLA) and their current values."""
+        config_class = MLATransformerConfig if isinstance(self, MLATransformerConfig) else TransformerConfig
+        return {f.name: getattr(self, f.name) for f in fields(config_class)}
+
+
+@dataclass
+class MLAModelProvider(GPTModelProvider, MLATransformerConfig):
+    """A :class:`GPTModelProvider` with multi-latent attention (DeepSeek-V2/V3): an ``MLATransformerConfig``.
+
+    Its extra fields are megatron-core's own (``q_lora_rank`` (None: one q projection),
+    ``kv_lora_rank``, ``qk_head_dim``, ``qk_pos_emb_head_dim``, ``v_head_dim``, ``rope_type`` "rope" or
+    "yarn" with ``rotary_scaling_factor``, ``mscale``, ``mscale_all_dim``, ...). The layers use
+    megatron-core's local MLA spec, but with the kv down projection whole on every TP rank (see
+    :func:`_latent_kv_down_projection`: training at TP > 1 needs ``sequence_parallel=True``);
+    ``qk_layernorm`` puts the RMSNorms on the compressed q and kv. Each layer's attention has its own
+    rotary embedding (of ``qk_pos_emb_head_dim``).
+    """
+
+    multi_latent_attention: bool = True
+    rope_type: str = "rope"
+
+    def _check_parallel_sizes(self) -> None:
+        super()._check_parallel_sizes()
+        tp = self.tensor_model_parallel_size
+        # the q down projection is column-parallel: its output splits over TP (kv's is whole on each rank)
+        if self.q_lora_rank is not None and self.q_lora_rank % tp:
+            raise ValueError(
+                f"tensor_model_parallel_size={tp} does not divide q_lora_rank={self.q_lora_rank} "
+                f"(multi-latent attention splits its q down projection over TP). Choose one that divides it "
+                f"(for example {_largest_divisor(self.q_lora_rank, tp)}).")
 
 
 def _check_every_parameter_loaded(chunks: list[torch.nn.Module], loaded: Collection[str] | None) -> None:
@@ -388,6 +438,21 @@ def _define_missing_te_gemm() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def _mla_without_missing_te() -> None:
+    """Let megatron-core's multi-latent attention build without Transformer Engine.
+
+    megatron-core 0.16's ``multi_latent_attention`` sets ``HAVE_TE`` when
+    ``megatron.core.extensions.transformer_engine`` imports, which it does without TE too (its classes
+    are then mocks), and later calls ``isinstance(self.linear_proj, TELinear)`` with a mock: a
+    TypeError. Without TE, it is told so.
+    """
+    from megatron.core.extensions import transformer_engine
+    from megatron.core.transformer import multi_latent_attention
+
+    if not getattr(transformer_engine, "HAVE_TE", False):
+        multi_latent_attention.HAVE_TE = False
 
 
 def _largest_divisor(value: int, limit: int) -> int:

@@ -25,8 +25,14 @@ class PositionIdsRotary(torch.nn.Module):
         self.rotary = rotary
         self.position_ids: torch.Tensor | None = None
 
-    def forward(self, max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, max_seq_len: int, *args: Any,
+                **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, float]:
         angles = self.rotary(max_seq_len, *args, **kwargs)  # [seq, 1, 1, dim], Megatron's own
+        if isinstance(angles, tuple):  # YaRN (multi-latent attention): (angles, its attention factor)
+            return (self._at_positions(angles[0]), *angles[1:])
+        return self._at_positions(angles)
+
+    def _at_positions(self, angles: torch.Tensor) -> torch.Tensor:
         positions = self.position_ids
         if positions is None or positions.shape[-1] != angles.shape[0]:
             return angles

@@ -54,6 +54,21 @@ FAMILIES = {
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, use_qk_norm=True,
         attention_bias=True, num_hidden_layers=4)),
+    # DeepSeek-V3: multi-latent attention (q and kv compressed to 48 and 32, rotary on 8 of each head's
+    # 24 q/k dims, v heads of 16) with YaRN and DeepSeek's mscale; GLM-4.5's MoE after a dense layer
+    "deepseek-v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+        num_hidden_layers=4, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+            "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1})),
+    # DeepSeek-V3 without q compression (one q_proj, as DeepSeek-V2-Lite) and with plain rope
+    "deepseek-v3-q": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_shared_experts=2, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.5,
+        num_hidden_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 

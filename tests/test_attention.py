@@ -200,7 +200,7 @@ def test_fused_logits_and_gradients_match_unfused_and_transformers(family, tmp_p
             assert_same_grads(grads, unfused_grads, 1e-4)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3", "deepseek-v3"])
 def test_padded_mask_matches_transformers(family, tmp_path):
     """A left- and a right-padded sequence: the [b, 1, s, s] mask with the layer's causality, window
     and soft-cap give transformers' logits at every real token (the unfused attention drops the

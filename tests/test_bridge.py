@@ -27,6 +27,7 @@ SUPPORTED = ["GPT2LMHeadModel", "GemmaForCausalLM", "LlamaForCausalLM", "Mistral
 SUPPORTED = sorted([*SUPPORTED, "MixtralForCausalLM", "Qwen3MoeForCausalLM"])  # the MoE families
 SUPPORTED = sorted([*SUPPORTED, "Gemma2ForCausalLM", "Gemma3ForCausalLM"])
 SUPPORTED = sorted([*SUPPORTED, "Glm4MoeForCausalLM"])
+SUPPORTED = sorted([*SUPPORTED, "DeepseekV3ForCausalLM"])  # multi-latent attention
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +151,7 @@ def test_supported_models_and_bridges():
     assert AutoBridge.get_supported_bridges() == sorted([
         "GPT2Bridge", "GemmaBridge", "LlamaBridge", "MistralBridge", "Olmo2Bridge", "Phi2Bridge", "Phi3Bridge",
         "Qwen2Bridge", "Qwen3Bridge", "MixtralBridge", "Qwen3MoeBridge", "Gemma2Bridge", "Gemma3Bridge",
-        "Glm4MoeBridge"])
+        "Glm4MoeBridge", "DeepseekV3Bridge"])
 
 
 # --- the Megatron side --------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Model families: one small declarative file each. Importing this package registers them all."""
 
 from lightning_bridge.families import (  # noqa: F401  (importing a family registers it)
+    deepseek_v3,
     gemma,
     gemma2,
     gemma3,

@@ -6,7 +6,9 @@ A family file subclasses :class:`ModelBridge` and fills in tables:
 - ``config_fields``: ``TransformerConfig`` / provider field <- HF config attribute;
 - ``fixed_config``: provider fields that are constant for the family;
 - ``mappings(hf_config)``: the weight table (:mod:`lightning_bridge.conversion.mappings`);
-- ``check_supported(hf_config)``: refuse, by name, HF features it cannot reproduce exactly.
+- ``check_supported(hf_config)``: refuse, by name, HF features it cannot reproduce exactly;
+- ``provider_class``: the provider (a ``TransformerConfig``) it fills, ``MLAModelProvider`` for
+  multi-latent attention.
 
 Nothing in the engine knows a family by name.
 """
@@ -51,6 +53,7 @@ class ModelBridge:
     """One model family: its HF architectures, config translation and weight mappings."""
 
     architectures: ClassVar[tuple[str, ...]] = ()
+    provider_class: ClassVar[type[GPTModelProvider]] = GPTModelProvider
     config_fields: ClassVar[dict[str, str]] = {}
     fixed_config: ClassVar[dict[str, Any]] = {}
     # HF tensors that carry no weights of their own (old rotary caches and the like).
@@ -96,7 +99,7 @@ class ModelBridge:
         kwargs.update(overrides)
         if kwargs.get("params_dtype") in (torch.bfloat16, torch.float16) and "bf16" not in overrides:
             kwargs = {**precision_fields(kwargs["params_dtype"]), **kwargs}
-        return GPTModelProvider(**kwargs)
+        return self.provider_class(**kwargs)
 
     def wildcard_ranges(self) -> Sequence[int]:
         """How many values each ``*`` of a mapping pattern takes: layers, then experts."""

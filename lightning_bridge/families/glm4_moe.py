@@ -68,58 +68,23 @@ class Glm4MoeBridge(LlamaBridge):
         return (*ModelBridge.ignored_hf_patterns, *(f"model.layers.{i}.*" for i in mtp))
 
     def check_supported(self) -> None:
-        cfg, name = self.hf_config, type(self.hf_config).__name__
-        if not cfg.norm_topk_prob:
-            raise ValueError(f"{name} with norm_topk_prob=False is not supported: Megatron's sigmoid router "
-                             "always renormalises the top-k scores. Use norm_topk_prob=True.")
-        refuse_top1_renormalised(cfg, renormalise=True)
-        if cfg.n_group > 1 and cfg.num_experts_per_tok // cfg.topk_group != 2:
-            raise ValueError(
-                f"{name} with n_group={cfg.n_group}, topk_group={cfg.topk_group} and num_experts_per_tok="
-                f"{cfg.num_experts_per_tok} is not supported: HF scores a group by its two best experts, "
-                "Megatron by its num_experts_per_tok // topk_group best. Use n_group=1, or "
-                "num_experts_per_tok = 2 x topk_group.")
-        if not cfg.n_shared_experts:
-            raise ValueError(f"{name} with n_shared_experts=0 is not supported: every GLM-4.5 MoE layer has "
-                             "a shared expert. Use n_shared_experts >= 1.")
-        if mtp_layers(cfg):
-            logger.info("%s: the %d multi-token-prediction layer(s) are not converted (import skips them, "
-                        "export writes none).", name, mtp_layers(cfg))
+        check_sigmoid_routing(self.hf_config)
 
     def computed_config(self) -> dict[str, Any]:
         cfg = self.hf_config
         params = rope_parameters(cfg)
         return {
             **super().computed_config(),
+            **sigmoid_moe_config(cfg),
             "rotary_percent": params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)),
             "qk_layernorm": bool(cfg.use_qk_norm),
             "add_qkv_bias": bool(cfg.attention_bias),
-            "moe_layer_freq": [int(i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)],
-            "moe_shared_expert_intermediate_size": cfg.moe_intermediate_size * cfg.n_shared_experts,
-            "moe_router_topk_scaling_factor": cfg.routed_scaling_factor,
-            "moe_router_num_groups": cfg.n_group if cfg.n_group > 1 else None,
-            "moe_router_group_topk": cfg.topk_group if cfg.n_group > 1 else None,
         }
 
     def mappings(self) -> list[WeightMapping]:
         cfg = self.hf_config
-        dense_layers = frozenset(range(min(cfg.first_k_dense_replace, cfg.num_hidden_layers)))
-        moe_layers = frozenset(range(cfg.num_hidden_layers)) - dense_layers
-        attention_and_dense = [
-            type(m)(m.megatron, m.hf, layers=dense_layers) if ".mlp." in m.megatron else m
-            for m in super().mappings()
-        ]
-        shared = "model.layers.*.mlp.shared_experts"
-        sparse = [
-            *moe_mappings("mlp", "gate_proj", "up_proj", "down_proj"),
-            Replicated("decoder.layers.*.mlp.router.expert_bias",
-                       "model.layers.*.mlp.gate.e_score_correction_bias"),
-            GatedMLP("decoder.layers.*.mlp.shared_experts.linear_fc1.weight",
-                     (f"{shared}.gate_proj.weight", f"{shared}.up_proj.weight")),
-            RowParallel("decoder.layers.*.mlp.shared_experts.linear_fc2.weight",
-                        f"{shared}.down_proj.weight"),
-        ]
-        table = attention_and_dense + [type(m)(m.megatron, m.hf, layers=moe_layers) for m in sparse]
+        attention = [m for m in super().mappings() if ".mlp." not in m.megatron]
+        table = attention + sigmoid_moe_mappings(cfg)
         if cfg.attention_bias:
             table.append(QKV("decoder.layers.*.self_attention.linear_qkv.bias", (
                 "model.layers.*.self_attn.q_proj.bias",
@@ -130,6 +95,64 @@ class Glm4MoeBridge(LlamaBridge):
             table += [Replicated(f"decoder.layers.*.self_attention.{x}_layernorm.weight",
                                  f"model.layers.*.self_attn.{x}_norm.weight") for x in "qk"]
         return table
+
+
+# --- DeepSeek's mixture of experts, shared by GLM-4.5 MoE and DeepSeek-V3 --------------------------
+def check_sigmoid_routing(cfg: Any) -> None:
+    """Refuse, by name, the DeepSeek-style routing settings Megatron's router cannot reproduce."""
+    name = type(cfg).__name__
+    if not cfg.norm_topk_prob:
+        raise ValueError(f"{name} with norm_topk_prob=False is not supported: Megatron's sigmoid router "
+                         "always renormalises the top-k scores. Use norm_topk_prob=True.")
+    refuse_top1_renormalised(cfg, renormalise=True)
+    if cfg.n_group > 1 and cfg.num_experts_per_tok // cfg.topk_group != 2:
+        raise ValueError(
+            f"{name} with n_group={cfg.n_group}, topk_group={cfg.topk_group} and num_experts_per_tok="
+            f"{cfg.num_experts_per_tok} is not supported: HF scores a group by its two best experts, "
+            "Megatron by its num_experts_per_tok // topk_group best. Use n_group=1, or "
+            "num_experts_per_tok = 2 x topk_group.")
+    if not cfg.n_shared_experts:
+        raise ValueError(f"{name} with n_shared_experts=0 is not supported: every MoE layer of this family "
+                         "has a shared expert. Use n_shared_experts >= 1.")
+    if mtp_layers(cfg):
+        logger.info("%s: the %d multi-token-prediction layer(s) are not converted (import skips them, "
+                    "export writes none).", name, mtp_layers(cfg))
+
+
+def sigmoid_moe_config(cfg: Any) -> dict[str, Any]:
+    """Provider fields of the MoE: dense first layers, the shared expert, scaled grouped routing."""
+    return {
+        "moe_layer_freq": [int(i >= cfg.first_k_dense_replace) for i in range(cfg.num_hidden_layers)],
+        "moe_shared_expert_intermediate_size": cfg.moe_intermediate_size * cfg.n_shared_experts,
+        "moe_router_topk_scaling_factor": cfg.routed_scaling_factor,
+        "moe_router_num_groups": cfg.n_group if cfg.n_group > 1 else None,
+        "moe_router_group_topk": cfg.topk_group if cfg.n_group > 1 else None,
+    }
+
+
+def sigmoid_moe_mappings(cfg: Any) -> list[WeightMapping]:
+    """The MLP tables: a dense gated MLP below ``first_k_dense_replace``, routed and shared experts above."""
+    dense_layers = frozenset(range(min(cfg.first_k_dense_replace, cfg.num_hidden_layers)))
+    moe_layers = frozenset(range(cfg.num_hidden_layers)) - dense_layers
+    dense = [
+        GatedMLP("decoder.layers.*.mlp.linear_fc1.weight", (
+            "model.layers.*.mlp.gate_proj.weight",
+            "model.layers.*.mlp.up_proj.weight",
+        ), layers=dense_layers),
+        RowParallel("decoder.layers.*.mlp.linear_fc2.weight", "model.layers.*.mlp.down_proj.weight",
+                    layers=dense_layers),
+    ]
+    shared = "model.layers.*.mlp.shared_experts"
+    sparse = [
+        *moe_mappings("mlp", "gate_proj", "up_proj", "down_proj"),
+        Replicated("decoder.layers.*.mlp.router.expert_bias",
+                   "model.layers.*.mlp.gate.e_score_correction_bias"),
+        GatedMLP("decoder.layers.*.mlp.shared_experts.linear_fc1.weight",
+                 (f"{shared}.gate_proj.weight", f"{shared}.up_proj.weight")),
+        RowParallel("decoder.layers.*.mlp.shared_experts.linear_fc2.weight",
+                    f"{shared}.down_proj.weight"),
+    ]
+    return dense + [type(m)(m.megatron, m.hf, layers=moe_layers) for m in sparse]
 
 
 def mtp_layers(hf_config: Any) -> int:

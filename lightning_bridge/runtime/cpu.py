@@ -1,7 +1,7 @@
 """Megatron-Core on a CPU: the few redirections that let it build, run and train without CUDA.
 
 Megatron-Core assumes CUDA in a handful of places: ``torch.cuda.current_device()`` as a
-device, tensors created with ``device="cuda"``, ``Tensor.cuda()``, ``torch.cuda.synchronize()``,
+device (also made into a ``torch.device``), tensors created with ``device="cuda"``, ``Tensor.cuda()``, ``torch.cuda.synchronize()``,
 the CUDA RNG tracker, and the optimizers' ``param.type() == "torch.cuda.FloatTensor"`` checks.
 :func:`activate` redirects each of them to the CPU, once per process, and only when CUDA is
 absent. It is what lets TP and PP run (and be tested) with gloo on a laptop.
@@ -61,6 +61,9 @@ class CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get(_DEVICE_FACTORIES_KWARG)
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
+        if func is torch.device and len(args) == 1 and _is_cuda_device(args[0]):
+            # ``with torch.device(torch.cuda.current_device()):`` (megatron-core's YaRN rotary embedding)
+            return torch.device("cpu")
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

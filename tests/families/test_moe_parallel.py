@@ -1,4 +1,4 @@
-"""Mixtral, Qwen3-MoE and GLM-4.5 MoE with
+"""Mixtral, Qwen3-MoE, GLM-4.5 MoE and DeepSeek-V3 with
 expert parallelism on 4 gloo ranks: each rank loads its own experts,
 logits equal transformers', and every export mode and order is bitwise equal to the source.
 
@@ -27,14 +27,18 @@ CASES = [  # (family, TP, PP, EP, expert TP); None: Megatron's default expert TP
     ("qwen3-moe", 1, 2, 2, None),
     ("glm4-moe", 2, 1, 2, None),  # dense first layer, shared expert, grouped sigmoid routing
     ("glm4-moe", 1, 2, 2, None),
+    ("deepseek-v3", 2, 1, 2, None),  # multi-latent attention: compressed q and kv split over TP
+    ("deepseek-v3", 1, 2, 2, None),
+    ("deepseek-v3", 2, 2, 1, None),
+    ("deepseek-v3-q", 2, 1, 1, None),  # one q projection, TP=2 x DP=2
 ]
+MOE_FAMILIES = sorted({case[0] for case in CASES})
 
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    checkpoints = {family: str(make_checkpoint(family, root / family))
-                   for family in ("mixtral", "qwen3-moe", "glm4-moe")}
+    checkpoints = {family: str(make_checkpoint(family, root / family)) for family in MOE_FAMILIES}
     input_ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
     return checkpoints, input_ids, launch(round_trip_expert_layouts, WORLD, CASES, checkpoints, input_ids)
 

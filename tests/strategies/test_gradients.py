@@ -78,6 +78,14 @@ MODELS = {
     # shared expert, grouped sigmoid routing; Megatron's own update of the correction bias held still
     "glm4-moe": ("glm4-moe", {"tp2-ep2-sp": {**MOE_LAYOUTS["tp2-ep2-sp"], "provider_overrides": {
         "moe_aux_loss_coeff": 0.0, "moe_router_bias_update_rate": 0.0}}}),
+    # multi-latent attention (compressed q and kv, YaRN) with GLM-4.5's MoE; packed rows restart the rope
+    "deepseek-v3": ("deepseek-v3", {
+        "tp2-ep2-sp": {**MOE_LAYOUTS["tp2-ep2-sp"], "provider_overrides": {
+            "moe_aux_loss_coeff": 0.0, "moe_router_bias_update_rate": 0.0}},
+        "tp2-sp-ep2-packed": {**MOE_LAYOUTS["tp2-ep2-sp"], "padding": "packed", "provider_overrides": {
+            "moe_aux_loss_coeff": 0.0, "moe_router_bias_update_rate": 0.0}}}),
+    "deepseek-v3-q": ("deepseek-v3-q", {"tp2-ep2-sp": {**MOE_LAYOUTS["tp2-ep2-sp"], "provider_overrides": {
+        "moe_aux_loss_coeff": 0.0, "moe_router_bias_update_rate": 0.0}}}),  # one q projection, plain rope
     "qwen3": ("qwen3", {"tp2-sp-dp2": SP}),
     "olmo2": ("olmo2", {"tp2-dp2": TP2, "tp2-pp2-sp": DENSE_LAYOUTS["tp2-pp2-sp"]}),
     "gemma2": ("gemma2", {"tp2-sp-dp2": SP, "pp2-vpp2-dp2": DENSE_LAYOUTS["pp2-vpp2-dp2"],
