@@ -61,8 +61,9 @@ class CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get(_DEVICE_FACTORIES_KWARG)
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
-        if func is torch.device and len(args) == 1 and _is_cuda_device(args[0]):
-            # ``with torch.device(torch.cuda.current_device()):`` (megatron-core's YaRN rotary embedding)
+        if func is torch.device and len(args) == 1 and isinstance(args[0], int):
+            # ``with torch.device(torch.cuda.current_device()):`` (megatron-core's YaRN rotary embedding);
+            # only the integer form: ``torch.device("cuda")`` keeps its meaning for the rest of the process
             return torch.device("cpu")
         if func is torch.Tensor.cuda:
             return args[0]

@@ -38,6 +38,14 @@ def test_factories_with_a_cuda_device_land_on_cpu(device):
 
 def test_current_device_works_as_a_device_argument():
     assert torch.ones(2, device=torch.cuda.current_device()).device.type == "cpu"
+    with torch.device(torch.cuda.current_device()):  # megatron-core's YaRN rotary embedding
+        assert torch.ones(2).device.type == "cpu"
+
+
+def test_a_named_cuda_device_keeps_its_meaning():
+    """Only Megatron's integer device is redirected: code that asks what ``torch.device("cuda")`` is
+    (the pinned-read path of HFCheckpointReader) still sees CUDA."""
+    assert torch.device("cuda").type == "cuda" and torch.device("cuda", 0).type == "cuda"
 
 
 class _AllocatesInBackward(torch.autograd.Function):
