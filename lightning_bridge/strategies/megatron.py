@@ -10,6 +10,9 @@ distributed optimizer, and runs every step through Megatron's forward-backward s
 pipeline schedule when PP > 1; microbatches are the gradient accumulation). Lightning checkpoints
 are sharded Megatron distributed checkpoints.
 
+With ``peft=LoraConfig(...)`` (or ``peft_adapter=``) only LoRA/DoRA adapters train on the frozen
+model (:mod:`lightning_bridge.lora`); ``recompute`` selects activation recomputation.
+
 After ``fit``, ``strategy.model_chunks`` is the trained model and ``strategy.bridge`` converts it
 back: ``strategy.bridge.save_hf_pretrained(strategy.model_chunks, "out")``.
 """
