@@ -236,22 +236,27 @@ class AutoBridge:
 
     def export_adapter_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, cpu: bool = True,
                                mode: Literal["consolidate", "replicate"] = "consolidate",
-                               dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                               dtype: torch.dtype | None = None,
+                               plan: lora.AdapterPlan | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield the adapters' ``(PEFT name, full tensor)`` (``base_model.model.<module>.lora_A.weight``,
         ``...lora_B.weight``, DoRA's ``...lora_magnitude_vector``) on global rank 0, or on every rank
-        with ``mode="replicate"``. Every rank must drain it."""
-        return lora.export_adapter_weights(_as_chunks(model), mode=mode, cpu=cpu, dtype=dtype)
+        with ``mode="replicate"``. Every rank must drain it. ``plan``: an ``AdapterPlan`` already
+        computed for this model (else computed here, a collective)."""
+        return lora.export_adapter_weights(_as_chunks(model), mode=mode, cpu=cpu, dtype=dtype, plan=plan)
 
-    def adapter_config(self, model: Sequence[torch.nn.Module] | torch.nn.Module) -> Any:
+    def adapter_config(self, model: Sequence[torch.nn.Module] | torch.nn.Module,
+                       plan: lora.AdapterPlan | None = None) -> Any:
         """The ``peft.LoraConfig`` to save beside the adapters: the one applied, with
-        ``base_model_name_or_path`` (the bridge's source) and ``fan_in_fan_out`` (from the weights)."""
+        ``base_model_name_or_path`` (the bridge's source) and ``fan_in_fan_out`` (True when the adapted
+        HF weights are stored [in, out], GPT-2's ``Conv1D``). Collective unless ``plan`` is given."""
         chunks = _as_chunks(model)
         config = lora.lora_config_of(chunks)
         if config is None:
             raise ValueError("This model has no LoRA adapters: call bridge.apply_lora(model, lora_config) first.")
+        plan = lora.AdapterPlan.compute(chunks) if plan is None else plan
         config = copy.deepcopy(config)
         config.base_model_name_or_path = self.source.name
-        config.fan_in_fan_out = self._adapters_fan_in_fan_out(chunks, config)
+        config.fan_in_fan_out = any(task.fan_in_fan_out for task in plan.tensors)
         return config
 
     def save_hf_adapter(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
@@ -263,8 +268,9 @@ class AutoBridge:
         from lightning_bridge.publish import make_staging_folder, publish_folder, run_on_rank_zero
 
         chunks = _as_chunks(model)
-        config = self.adapter_config(chunks)
-        tensors = dict(self.export_adapter_weights(chunks, mode="consolidate", dtype=dtype))
+        plan = lora.AdapterPlan.compute(chunks)  # the one collective of the planning
+        config = self.adapter_config(chunks, plan)
+        tensors = dict(self.export_adapter_weights(chunks, mode="consolidate", dtype=dtype, plan=plan))
         path = Path(path)
 
         def check() -> None:
@@ -315,11 +321,6 @@ class AutoBridge:
                              f"adapt and lacks {sorted(expected - found)[:4]} it does: its target_modules differ from "
                              "the model's LoRA config.")
         return lora.load_adapter_weights(chunks, tensors)
-
-    def _adapters_fan_in_fan_out(self, chunks: list[torch.nn.Module], config: Any) -> bool:
-        """Whether the adapted HF weights are stored [in, out] (``Conv1D``): from the mapping table."""
-        plan = lora.AdapterPlan.compute(chunks)
-        return any(task.fan_in_fan_out for task in plan.tensors)
 
     def save_hf_weights(self, model: Sequence[torch.nn.Module] | torch.nn.Module, path: str | os.PathLike,
                         show_progress: bool = True, max_shard_size: int = 5 * 2**30,

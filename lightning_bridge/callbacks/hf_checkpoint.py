@@ -144,6 +144,7 @@ class HFCheckpoint(pl.Callback):
         self._token = ""
         self._layout_key: tuple | None = None
         self._layout: Layout | None = None
+        self._adapter_plan: AdapterPlan | None = None  # with the layout of a model with adapters
         self._pinned_pool: dict[str, torch.Tensor] = {}
 
     # --- Lightning hooks ----------------------------------------------------------------------------
@@ -258,7 +259,8 @@ class HFCheckpoint(pl.Callback):
     def _export(self, bridge: Any, chunks: list[torch.nn.Module]):
         cpu = not on_gpu(chunks)
         if self.saves_adapters(chunks):  # small: rank 0 receives them, whatever the mode
-            return bridge.export_adapter_weights(chunks, cpu=cpu, mode="consolidate", dtype=self.dtype)
+            return bridge.export_adapter_weights(chunks, cpu=cpu, mode="consolidate", dtype=self.dtype,
+                                                 plan=self._adapter_plan)
         return bridge.export_hf_weights(chunks, cpu=cpu, mode=self.mode, dtype=self.dtype,
                                         merge_adapters=self.merge_adapters and lora_config_of(chunks) is not None)
 
@@ -328,10 +330,15 @@ class HFCheckpoint(pl.Callback):
         rank = get_rank()
         if self.saves_adapters(chunks):
             layout = self._adapter_layout(bridge, chunks, rank)
-            layout.budget, layout.staged_all = self._budget(layout, chunks)
-            self._layout_key, self._layout = key, layout
-            self._pinned_pool.clear()
-            return layout
+        else:
+            layout = self._weights_layout(bridge, chunks, rank)
+        layout.budget, layout.staged_all = self._budget(layout, chunks)
+        self._layout_key, self._layout = key, layout
+        self._pinned_pool.clear()  # kept only while everything fits: see _pinned
+        return layout
+
+    def _weights_layout(self, bridge: Any, chunks: list[torch.nn.Module], rank: int) -> Layout:
+        """The HF weights' shards (after the source layout, or by ``max_shard_size``), config and tokenizer."""
         plan = bridge.export_plan(chunks)  # the one collective of the planning, kept by the bridge
         specs = bridge.hf_tensor_specs(chunks, dtype=self.dtype)
         if self.mode == "distribute":
@@ -350,15 +357,13 @@ class HFCheckpoint(pl.Callback):
             extra_files, copy_files = bridge.hf_metadata_files(self.dtype)
             layout.extra_files.update(extra_files)
             layout.copy_files = list(copy_files)
-        layout.budget, layout.staged_all = self._budget(layout, chunks)
-        self._layout_key, self._layout = key, layout
-        self._pinned_pool.clear()  # kept only while everything fits: see _pinned
         return layout
 
     def _adapter_layout(self, bridge: Any, chunks: list[torch.nn.Module], rank: int) -> Layout:
         """One ``adapter_model.safetensors`` written by rank 0, beside ``adapter_config.json``."""
-        config = bridge.adapter_config(chunks)  # collective (the adapter plan)
-        specs = [TensorSpec(t.name, tuple(t.full_shape), self.dtype or t.dtype) for t in AdapterPlan.compute(chunks).tensors]
+        plan = self._adapter_plan = AdapterPlan.compute(chunks)  # the one collective of the planning, kept
+        config = bridge.adapter_config(chunks, plan)
+        specs = [TensorSpec(t.name, tuple(t.full_shape), self.dtype or t.dtype) for t in plan.tensors]
         names = [s.name for s in specs]
         nbytes = {s.name: s.nbytes for s in specs}
         layout = Layout({ADAPTER_WEIGHTS_NAME: names}, {ADAPTER_WEIGHTS_NAME: 0}, names if rank == 0 else [],

@@ -365,11 +365,12 @@ class PushToHub(pl.Callback):
             path = str(root / f"step-{trainer.global_step}")
         path = _broadcast(trainer, path)
         try:
-            if lora_config_of(strategy.model_chunks) is not None and not self.merge_adapters:
+            adapted = lora_config_of(strategy.model_chunks) is not None
+            if adapted and not self.merge_adapters:
                 strategy.bridge.save_hf_adapter(strategy.model_chunks, path)
             else:
                 strategy.bridge.save_hf_pretrained(strategy.model_chunks, path, show_progress=False,
-                                                   merge_adapters=lora_config_of(strategy.model_chunks) is not None)
+                                                   merge_adapters=adapted)
         except Exception as exc:  # noqa: BLE001 - reported at the end of fit, like a failed push
             self._export_error = self._redact(f"exporting the model to {path} failed: {describe(exc)}")
             logger.error("PushToHub: %s", self._export_error)

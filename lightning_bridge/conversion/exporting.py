@@ -224,20 +224,11 @@ def _deliver(task: ExportTask, local: dict[str, torch.Tensor], layout: RankLayou
     root = next(rank for rank, where in enumerate(layouts)
                 if task.held_by(where) and task.replica(where) == 0 and task.tp_rank(where) == 0)
     if mode == "consolidate":
+        full = None
         if holder and task.replica(layout) == 0:
             shards = parallel.gather_tp_to(_shard(local, task, device, tied), root, group)
-            if shards is None:
-                return None
-            full = task.mapping.gather(shards)
-            if layout.rank != 0:
-                dist.send(full.contiguous(), dst=0)
-                return None
-            return full
-        if layout.rank == 0:
-            full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
-            dist.recv(full, src=root)
-            return full
-        return None
+            full = task.mapping.gather(shards) if shards is not None else None
+        return parallel.send_to_rank_zero(full, root, task.full_shape, task.dtype, device)
 
     # replicate: every holder gathers its tensor-parallel group, then the rest receive a copy.
     if holder:

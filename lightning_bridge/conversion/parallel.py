@@ -14,7 +14,7 @@ every other weight by the tensor-parallel group and the data-parallel group.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +167,23 @@ def gather_tp_to(shard: torch.Tensor, dst_global: int,
         dist.gather(shard, shards, dst=dst_global, group=group)
         return shards
     dist.gather(shard, None, dst=dst_global, group=group)
+    return None
+
+
+def send_to_rank_zero(full: torch.Tensor | None, src: int, shape: Sequence[int], dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor | None:
+    """``full``, assembled on global rank ``src``, on global rank 0 only (sent there when ``src`` is
+    another rank); None on every other rank."""
+    rank = dist.get_rank()
+    if rank == src:
+        if src == 0:
+            return full
+        dist.send(full.contiguous(), dst=0)
+        return None
+    if rank == 0:
+        received = torch.empty(tuple(shape), dtype=dtype, device=device)
+        dist.recv(received, src=src)
+        return received
     return None
 
 

@@ -138,16 +138,7 @@ def export_adapter_weights(chunks: Sequence[torch.nn.Module], *, mode: str = "co
 
 def _deliver(full, task, root, layout, mode, device):
     if mode == "consolidate":
-        if root == 0:
-            return full if layout.rank == 0 else None
-        if layout.rank == root:
-            dist.send(full.contiguous(), dst=0)
-            return None
-        if layout.rank == 0:
-            full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
-            dist.recv(full, src=root)
-            return full
-        return None
+        return parallel.send_to_rank_zero(full, root, task.full_shape, task.dtype, device)
     if layout.world_size > 1:
         if full is None:
             full = torch.empty(task.full_shape, dtype=task.dtype, device=device)
